@@ -1,0 +1,58 @@
+"""Shared behaviour of the command-line entry points: clean errors and the ``resume=RUN_DIR`` form."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+"""Exit code for bad configuration, data or checkpoints: a message, no traceback."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, reported as one message instead of a traceback."""
+    from xray.checkpoints import CheckpointError
+    from xray.config_checks import ConfigError
+    from xray.data.datamodule import BadImagesError
+    from xray.data.download import DatasetNotFoundError, DownloadError
+    from xray.data.records import DatasetLayoutError
+    from xray.module import NonFiniteLossError
+
+    return (CheckpointError, ConfigError, BadImagesError, DatasetNotFoundError, DownloadError,
+            DatasetLayoutError, NonFiniteLossError, PermissionError)
+
+
+@contextlib.contextmanager
+def fail_cleanly(log: logging.Logger) -> Iterator[None]:
+    """Turn a user error into ``error: <message>`` on stderr and exit code 2."""
+    errors = user_errors()
+    try:
+        yield
+    except errors as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def expand_resume(argv: list[str]) -> list[str]:
+    """``resume=RUN_DIR`` -> that run's saved config, its directory and its last.ckpt."""
+    resume = [a for a in argv[1:] if a.startswith("resume=")]
+    if not resume:
+        return argv
+    run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
+    config_dir = run_dir / ".hydra"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not (config_dir / "config.yaml").is_file():
+        print(f"error: {run_dir}: not a run directory (no .hydra/config.yaml)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    if not last.is_file():
+        print(f"error: {last}: no last.ckpt to resume from", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    rest = [a for a in argv[1:] if not a.startswith("resume=")]
+    return [
+        argv[0], "--config-path", str(config_dir.resolve()), "--config-name", "config",
+        f"hydra.run.dir={run_dir}", f"ckpt_path={last}", *rest,
+    ]

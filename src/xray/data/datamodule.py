@@ -1,0 +1,324 @@
+"""The LightningDataModule: records -> uint8 batches; augmentation and rescale after transfer.
+
+Datasets yield ``(image uint8 (1,S,S), label, index)``. Training augmentation (the Keras affine and
+flips) runs per batch on the training device in ``on_after_batch_transfer``, so a GPU is never starved
+by CPU workers; ``augment_on="sample"`` applies the same transform per sample in the workers instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
+
+from xray.constants import CLASSES
+from xray.data.cache import DecodedCache, build_cache, load_resized
+from xray.data.io import probe_image
+from xray.data.records import Record, class_counts, scan_split, split_by_patient
+from xray.transforms import KerasRandomAffine, keras_augment_batch, rescale, sample_keras_params
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AUGMENT: dict[str, Any] = {
+    "rotation_range": 30.0,
+    "width_shift_range": 0.2,
+    "height_shift_range": 0.2,
+    "shear_range": 0.1,
+    "zoom_range": 0.2,
+    "fill_mode": "nearest",
+    "horizontal_flip": True,
+    "vertical_flip": True,
+}
+
+
+class BadImagesError(ValueError):
+    """Unreadable files found at setup; the message lists every one with its reason."""
+
+
+class XRayDataset(Dataset):
+    """Records read through the eval preset (read_image + resize), optionally from the decoded cache."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        image_size: int,
+        interpolation: str = "bilinear",
+        cache: DecodedCache | None = None,
+        cache_rows: Sequence[int] | None = None,
+        sample_transform: Any | None = None,
+    ) -> None:
+        self.records = list(records)
+        self.image_size = image_size
+        self.interpolation = interpolation
+        self.cache = cache
+        self.cache_rows = np.asarray(cache_rows if cache_rows is not None else [], dtype=np.int64)
+        self.sample_transform = sample_transform
+        self._array: np.ndarray | None = None  # opened lazily: each worker maps the file itself
+        self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _cached(self) -> np.ndarray:
+        if self._array is None:
+            assert self.cache is not None
+            self._array = self.cache.open()
+        return self._array
+
+    def image(self, index: int) -> torch.Tensor:
+        """uint8 (1, S, S) for one record."""
+        if self.cache is not None:
+            array = np.array(self._cached()[self.cache_rows[index]])
+        else:
+            array = load_resized(self.records[index].path, self.image_size, self.interpolation)
+        return torch.from_numpy(array).unsqueeze(0)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image = self.image(index)
+        if self.sample_transform is not None:
+            image = self.sample_transform(image)
+        return image, self.labels[index], index
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Batched read: one fancy-indexed read of the memory map instead of a read per image."""
+        if self.cache is None or self.sample_transform is not None:
+            return [self[i] for i in indices]
+        rows = self.cache_rows[indices]
+        order = np.argsort(rows)
+        block = self._cached()[rows[order]]
+        images = torch.from_numpy(np.ascontiguousarray(block)).unsqueeze(1)
+        out: list[Any] = [None] * len(indices)
+        for pos, k in enumerate(order):
+            out[k] = (images[pos], self.labels[indices[k]], indices[k])
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_array"] = None  # never pickle the mapped array into worker processes
+        return state
+
+
+class XRayDataModule(LightningDataModule):
+    """Kaggle/Kermany layout -> train / patient-grouped val / test loaders."""
+
+    def __init__(
+        self,
+        root: str = "data/chest_xray",
+        image_size: int = 500,
+        batch_size: int = 40,
+        num_workers: int = 2,
+        interpolation: str = "bilinear",
+        val_source: str = "split",
+        val_fraction: float = 0.1,
+        split_seed: int = 42,
+        train_limit_per_class: int | None = None,
+        augment: dict[str, Any] | None = None,
+        augment_on: str = "batch",
+        balanced_sampler: bool = False,
+        skip_bad_images: bool = False,
+        cache: bool = True,
+        cache_dir: str | None = None,
+        download: bool = False,
+        source: str = "kermany",
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"data.image_size must be at least 8, got {image_size}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if val_source not in ("split", "official"):
+            raise ValueError(f"data.val_source must be 'split' or 'official', got {val_source!r}")
+        if augment_on not in ("batch", "sample"):
+            raise ValueError(f"data.augment_on must be 'batch' or 'sample', got {augment_on!r}")
+        self.root = Path(root).expanduser()
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.interpolation = interpolation
+        self.val_source = val_source
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self.train_limit_per_class = train_limit_per_class
+        self.augment = dict(augment) if augment else None
+        if self.augment:
+            KerasRandomAffine(**self.augment)  # validate the Keras parameters now, before any data is read
+        self.augment_on = augment_on
+        self.balanced_sampler = balanced_sampler
+        self.skip_bad_images = skip_bad_images
+        self.cache = cache
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root.parent / ".xray_cache"
+        self.download = download
+        self.source = source
+        self.pin_memory = pin_memory
+        self.records: dict[str, list[Record]] = {}
+        self.datasets: dict[str, XRayDataset] = {}
+        self.bad_files: dict[str, str] = {}
+
+    # ----- what the model and the reports need to know -------------------------------------------
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Stored in every checkpoint so prediction uses exactly this preprocessing."""
+        return {
+            "image_size": self.image_size,
+            "interpolation": self.interpolation,
+            "grayscale": True,
+            "rescale": 1.0 / 255.0,
+            "classes": list(CLASSES),
+        }
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {split: class_counts(records) for split, records in self.records.items()}
+
+    def train_class_counts(self) -> dict[str, int]:
+        return class_counts(self.records["train"])
+
+    # ----- setup ------------------------------------------------------------------------------------
+    def check_dataset(self) -> None:
+        """Fail at once, saying where we looked, when no dataset is at ``root`` (download if asked)."""
+        from xray.data.download import ensure_dataset
+
+        ensure_dataset(self.root, source=self.source, download=self.download)
+
+    def prepare_data(self) -> None:
+        self.check_dataset()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.records:
+            return
+        folders = {"train": scan_split(self.root, "train")}
+        if self.val_source == "official":
+            folders["val"] = scan_split(self.root, "val")
+        if (self.root / "test").is_dir():
+            folders["test"] = scan_split(self.root, "test")
+        # decode (or probe) each folder once; splits carved from it share its cache
+        checked = {name: self._check_folder(name, records) for name, records in folders.items()}
+        if self.val_source == "official":
+            train, val = folders["train"], folders["val"]
+        else:
+            train, val = split_by_patient(folders["train"], self.val_fraction, self.split_seed)
+        if self.train_limit_per_class:
+            train = self._limit(train, int(self.train_limit_per_class))
+        self.records = {"train": train, "val": val}
+        sources = {"train": "train", "val": "val" if self.val_source == "official" else "train"}
+        if "test" in folders:
+            self.records["test"] = folders["test"]
+            sources["test"] = "test"
+        for split, records in self.records.items():
+            self.records[split] = records = [r for r in records if str(r.path) not in self.bad_files]
+            if not records:
+                raise BadImagesError(f"No readable images left in the '{split}' split under {self.root}")
+            cache, rows = checked[sources[split]]
+            sample_transform = None
+            if split == "train" and self.augment and self.augment_on == "sample":
+                sample_transform = KerasRandomAffine(**self.augment)
+            self.datasets[split] = XRayDataset(
+                records, self.image_size, self.interpolation, cache,
+                [rows[str(r.path)] for r in records] if cache is not None else None, sample_transform,
+            )
+
+    def _limit(self, records: list[Record], per_class: int) -> list[Record]:
+        rng = np.random.default_rng(self.split_seed)
+        kept: list[Record] = []
+        for label in range(len(CLASSES)):
+            members = [r for r in records if r.label == label]
+            if len(members) > per_class:
+                picks = sorted(rng.choice(len(members), per_class, replace=False))
+                members = [members[i] for i in picks]
+            kept.extend(members)
+        return kept
+
+    def _check_folder(self, split: str, records: list[Record]) -> tuple[DecodedCache | None, dict[str, int]]:
+        """Build (or reuse) the decoded cache of one folder, or probe its files; collect bad files."""
+        cache = None
+        if self.cache:
+            cache = build_cache(
+                [r.path for r in records], self.image_size, self.interpolation, self.cache_dir, self.num_workers
+            )
+            bad = dict(cache.errors)
+        else:
+            bad = {str(r.path): reason for r in records if (reason := probe_image(r.path)) is not None}
+        if bad:
+            listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items()))
+            if not self.skip_bad_images:
+                raise BadImagesError(
+                    f"{len(bad)} unreadable image file(s) in {self.root / split}:\n{listing}\n"
+                    "Fix or remove them, or set data.skip_bad_images=true to leave them out."
+                )
+            warnings.warn(f"Skipping {len(bad)} unreadable image file(s) in {self.root / split}:\n{listing}",
+                          stacklevel=2)
+            self.bad_files.update(bad)
+        return cache, {str(r.path): i for i, r in enumerate(records)}
+
+    # ----- loaders ---------------------------------------------------------------------------------
+    def _distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.world_size > 1
+
+    def _loader(self, dataset: XRayDataset, sampler: Any) -> DataLoader:
+        workers = self.num_workers
+        if dataset.cache is not None and dataset.sample_transform is None:
+            workers = 0  # a cached batch is one memory-mapped read: worker processes only add copies
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        generator = torch.Generator().manual_seed(self.split_seed)
+        if self.balanced_sampler:
+            counts = torch.bincount(dataset.labels, minlength=len(CLASSES)).clamp(min=1).double()
+            weights = (1.0 / counts)[dataset.labels]
+            sampler: Any = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
+        else:
+            sampler = RandomSampler(dataset, generator=generator)
+        if self._distributed():
+            from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+            sampler = DistributedSamplerWrapper(sampler, shuffle=False)
+        return self._loader(dataset, sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self.datasets[split]
+        if self._distributed():
+            # no padding: every validation image is scored exactly once across processes
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler: Any = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        else:
+            sampler = SequentialSampler(dataset)
+        return self._loader(dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.datasets:
+            raise FileNotFoundError(f"{self.root / 'test'}: no test split in this dataset")
+        return self._eval_loader("test")
+
+    # ----- augmentation and rescale on the device ----------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels, index = batch
+        images = rescale(images)  # the affine is linear, so rescaling first gives the same result
+        training = self.trainer is not None and self.trainer.training
+        if training and self.augment and self.augment_on == "batch":
+            params = sample_keras_params(
+                images.shape[0], images.shape[-2], images.shape[-1], device=images.device,
+                **{k: v for k, v in self.augment.items() if k != "fill_mode"},
+            )
+            images = keras_augment_batch(images, params)
+        return images, labels, index

@@ -1,0 +1,443 @@
+"""The one image reader of the product.
+
+Training, the decoded cache and prediction all read images through :func:`read_image`, so a file
+can never be decoded one way when the model is trained and another way when it predicts.
+
+Output
+    A contiguous ``torch.uint8`` tensor of shape ``(1, H, W)``: one grayscale channel.
+
+Raster files (.jpg .jpeg .png .bmp .tif .tiff), read with Pillow, as Keras's
+``load_img(color_mode="grayscale")`` does:
+
+* The content decides the decoder, not the extension (a PNG named ``.jpg`` is read as a PNG), but
+  only the JPEG (and MPO), PNG, BMP/DIB and TIFF decoders of Pillow are ever tried.
+* The EXIF orientation is applied (``ImageOps.exif_transpose``); an unreadable EXIF block is ignored
+  (the image is used as stored).
+* 8-bit grayscale (``L``) is used as is.
+* Colour and other 8-bit modes (``RGB``, ``RGBA``, ``LA``, ``P``, ``CMYK``, ``YCbCr``, ``1``...)
+  go through Pillow's ``Image.convert("L")``: ITU-R 601-2 luma, ``L = R*299/1000 + G*587/1000 +
+  B*114/1000``. Alpha is DROPPED, not composited onto a background: an RGBA image gives the luma of
+  its RGB part whatever its transparency (a palette image's transparency is ignored the same way).
+  ``1``-bit images give 0/255.
+* 16-bit integer grayscale (``I;16``, ``I;16B``, ...) is scaled by the FULL range of the bit depth,
+  ``round(v * 255 / 65535)``, not by the image's min/max, so a 16-bit export of an 8-bit image
+  (``v = x * 257``) reads back as exactly ``x``. 32-bit integer images (mode ``I``) whose values lie
+  within 0..65535 are treated as 16-bit data the same way (Pillow used to open 16-bit PNGs as ``I``);
+  ones with values outside that range are min/max scaled.
+* 32-bit float images (``F``) are min/max scaled to 0..255 (a constant image gives 0); NaN or
+  infinite values are an error.
+* Multi-page files give their first page.
+
+DICOM files (.dcm .dicom, or any file with ``DICM`` at byte offset 128), read with pydicom:
+
+* The first frame only; the Modality LUT (RescaleSlope/Intercept or LUT) then the VOI LUT or window
+  (``apply_modality_lut`` then ``apply_voi_lut``) are applied, then the result is min/max scaled to
+  0..255 (a constant image gives 0) and inverted (``255 - x``) for ``MONOCHROME1``.
+* Colour DICOM (RGB, YBR, PALETTE COLOR) gives the same luma as raster images; 8-bit colour is used as
+  is, deeper colour is first min/max scaled to 8 bits.
+* Compressed transfer syntaxes need pydicom's optional decoders (pylibjpeg, gdcm, ...); without one
+  the error names the transfer syntax and the package to install.
+
+Errors
+    Every failure is an :class:`ImageReadError` (a ``ValueError``) whose message is
+    ``"<path>: <reason>"``: missing file, directory, empty file, unsupported extension, not an image,
+    truncated or corrupt data, decompression bomb (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels,
+    checked from the header before any pixel is decoded; DICOM files too), DICOM without pixel data,
+    compressed DICOM without a decoder. No raw Pillow/pydicom exception escapes (``MemoryError`` and
+    ``KeyboardInterrupt`` do). Images are decoded fully here, so truncated files fail here rather
+    than later; ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False (this module never sets it
+    and refuses to run with a ``RuntimeError`` when something else in the process has set it).
+
+:func:`probe_image` is a cheap header-level check for data-module setup; :func:`read_image` is the
+authority (a file that passes the probe can still fail to decode, e.g. a truncated JPEG).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import (  # the plugins are imported so that Image.open(formats=...) knows them all
+    BmpImagePlugin,  # noqa: F401
+    Image,
+    ImageFile,
+    ImageOps,
+    JpegImagePlugin,  # noqa: F401
+    PngImagePlugin,  # noqa: F401
+    TiffImagePlugin,  # noqa: F401
+    UnidentifiedImageError,
+)
+
+try:  # pydicom >= 3
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import get_decoder as _get_decoder
+
+    _PYDICOM3 = True
+except ImportError:  # pragma: no cover - pydicom 2.x
+    from pydicom.pixel_data_handlers.util import (  # type: ignore[no-redef]
+        apply_color_lut,
+        apply_modality_lut,
+        apply_voi_lut,
+    )
+
+    _get_decoder = None
+    _PYDICOM3 = False
+
+__all__ = [
+    "DICOM_EXTENSIONS",
+    "RASTER_EXTENSIONS",
+    "SUPPORTED_EXTENSIONS",
+    "ImageReadError",
+    "probe_image",
+    "read_image",
+]
+
+RASTER_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
+SUPPORTED_EXTENSIONS: frozenset[str] = RASTER_EXTENSIONS | DICOM_EXTENSIONS
+"""Lowercase file extensions :func:`read_image` accepts (files with a DICOM preamble are accepted too)."""
+
+# The only Pillow decoders ever tried: never EPS (Ghostscript) or other exotic plugins because of
+# what a file's bytes claim to be.
+_PIL_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "TIFF")  # JPEG covers MPO (multi-picture JPEG)
+
+_DICOM_DECODER_HINT = (
+    "install a decoder, e.g. `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
+    "or `pip install python-gdcm`"
+)
+_MAX_REASON_CHARS = 300
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read; ``str()`` is ``"<path>: <reason>"``."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across worker processes despite the two-argument __init__
+        return (type(self), (self.path, self.reason))
+
+
+class _Reason(Exception):
+    """Internal: a failure whose reason is known; turned into ImageReadError with the path."""
+
+
+def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read one image file as a contiguous ``torch.uint8`` tensor of shape ``(1, H, W)``.
+
+    See the module docstring for the exact conversions. Raises :class:`ImageReadError` for every
+    unreadable file.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated images would be read "
+            "silently; xray.data.io.read_image refuses to run. Do not set it."
+        )
+    p = Path(os.fspath(path))
+    try:
+        header = _check_file(p)
+        if _is_dicom(p, header):
+            arr = _read_dicom(p, has_preamble=header[128:132] == b"DICM")
+        else:
+            arr = _read_raster(p)
+    except _Reason as err:
+        raise ImageReadError(p, str(err)) from err.__cause__
+    except (ImageReadError, MemoryError, RecursionError):
+        raise
+    except Exception as err:  # a decoder failure that the steps below did not anticipate
+        raise ImageReadError(p, f"cannot read image: {_short(err)}") from err
+    if arr.ndim != 2 or arr.dtype != np.uint8 or 0 in arr.shape:  # pragma: no cover - internal check
+        raise ImageReadError(p, f"decoded to an unexpected array {arr.dtype}{arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0).contiguous()
+
+
+def probe_image(path: str | os.PathLike[str]) -> str | None:
+    """Cheap header-level check of one file: ``None`` when it looks readable, else the reason.
+
+    Checks existence, 0-byte files, the extension, that Pillow identifies the format (plus
+    ``Image.verify()``, which checks e.g. PNG chunk CRCs without decoding pixels) and the
+    decompression-bomb limit; for DICOM, that there is pixel data, its size and that a decoder for
+    its transfer syntax is installed. It does NOT decode pixels, so it can pass a file that
+    :func:`read_image` (the authority) rejects, such as a truncated JPEG.
+    """
+    p = Path(os.fspath(path))
+    try:
+        header = _check_file(p)
+        if _is_dicom(p, header):
+            ds = _dcmread(p, has_preamble=header[128:132] == b"DICM", lazy=True)
+            _check_dicom_dataset(ds)
+        else:
+            with open(p, "rb") as fh, _open_pil(fh) as img:
+                img.verify()
+    except _Reason as err:
+        return str(err)
+    except (MemoryError, RecursionError):
+        raise
+    except ImageReadError as err:
+        return err.reason
+    except Exception as err:
+        return f"cannot read image: {_short(err)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def _check_file(p: Path) -> bytes:
+    """Existence, type and size checks; returns the first 132 bytes (DICOM preamble + magic)."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise _Reason("file not found") from None
+    except OSError as err:
+        raise _Reason(f"cannot access file: {err.strerror or err}") from None
+    if p.is_dir():
+        raise _Reason("is a directory, not an image file")
+    if st.st_size == 0:
+        raise _Reason("empty file (0 bytes)")
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(132)
+    except OSError as err:
+        raise _Reason(f"cannot read file: {err.strerror or err}") from None
+
+
+def _is_dicom(p: Path, header: bytes) -> bool:
+    ext = p.suffix.lower()
+    if header[128:132] == b"DICM" or ext in DICOM_EXTENSIONS:
+        return True
+    if ext not in RASTER_EXTENSIONS:
+        kind = f"'{p.suffix}'" if p.suffix else "(no extension)"
+        raise _Reason(f"unsupported file type {kind}; supported: {', '.join(sorted(SUPPORTED_EXTENSIONS))}")
+    return False
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > _MAX_REASON_CHARS:
+        text = text[: _MAX_REASON_CHARS - 3] + "..."
+    return text
+
+
+def _check_pixel_count(width: int, height: int) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = int(width) * int(height)
+    if limit is not None and pixels > limit:
+        raise _Reason(_too_large(pixels, limit))
+
+
+def _too_large(pixels: int | str, limit: int | None) -> str:
+    return f"image too large: {pixels} pixels exceeds the limit of {limit} (possible decompression bomb)"
+
+
+# -------------------------------------------------------------------------------------------- raster
+
+
+@contextmanager
+def _open_pil(fh: BinaryIO) -> Iterator[Image.Image]:
+    """``Image.open`` restricted to the supported formats, with the decompression-bomb check.
+
+    Pillow warns (``DecompressionBombWarning``) between 1x and 2x ``MAX_IMAGE_PIXELS`` and raises
+    above 2x; both become the same "image too large" reason, from the header, before decoding.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fh, formats=_PIL_FORMATS)
+    except UnidentifiedImageError:
+        raise _Reason("not an image (cannot identify image file)") from None
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise _Reason(_too_large(found.group(1) if found else "too many", Image.MAX_IMAGE_PIXELS)) from None
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as err:
+        raise _Reason(f"cannot open image: {_short(err)}") from err
+    try:
+        _check_pixel_count(*img.size)
+        if 0 in img.size:
+            raise _Reason(f"image has no pixels (size {img.size[0]}x{img.size[1]})")
+        yield img
+    finally:
+        img.close()
+
+
+def _read_raster(p: Path) -> np.ndarray:
+    with open(p, "rb") as fh, _open_pil(fh) as img:
+        fmt = img.format or "image"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+        except Image.DecompressionBombError:
+            raise _Reason(_too_large(f"{img.size[0] * img.size[1]}", Image.MAX_IMAGE_PIXELS)) from None
+        except (MemoryError, RecursionError):
+            raise
+        except Exception as err:
+            raise _Reason(f"truncated or corrupt {fmt}: {_short(err)}") from err
+        try:
+            oriented = ImageOps.exif_transpose(img)
+        except (MemoryError, RecursionError):
+            raise
+        except Exception:  # a broken EXIF block: use the image as stored
+            oriented = img
+        try:
+            return _to_gray_uint8(oriented if oriented is not None else img)
+        except _Reason:
+            raise
+        except (MemoryError, RecursionError):
+            raise
+        except Exception as err:
+            raise _Reason(
+                f"cannot convert {fmt} image (mode {img.mode}) to grayscale: {_short(err)}"
+            ) from err
+
+
+def _to_gray_uint8(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode == "L":
+        return np.array(img, dtype=np.uint8)
+    if mode == "F":
+        return _minmax_uint8(np.asarray(img, dtype=np.float64), what="float image")
+    if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I;16S, I
+        values = np.asarray(img).astype(np.int64)
+        if values.size and values.min() >= 0 and values.max() <= 65535:
+            return _uint16_to_uint8(values)
+        return _minmax_uint8(values.astype(np.float64), what="integer image")
+    # RGB, RGBA, LA, P, PA, CMYK, YCbCr, 1, ...: Pillow's ITU-R 601-2 luma (alpha ignored).
+    try:
+        gray = img.convert("L")
+    except ValueError:  # no direct conversion to L for this mode
+        gray = img.convert("RGB").convert("L")
+    return np.array(gray, dtype=np.uint8)
+
+
+def _uint16_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Full-range 16-bit -> 8-bit: round(v * 255 / 65535) == round(v / 257) (never a tie)."""
+    return ((values.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _minmax_uint8(values: np.ndarray, what: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise _Reason(f"{what} contains NaN or infinite values")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - lo) * 255.0 / (hi - lo)).clip(0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------- DICOM
+
+
+def _dcmread(p: Path, has_preamble: bool, lazy: bool):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    kwargs = {"defer_size": "64 KB"} if lazy else {}
+    try:
+        return pydicom.dcmread(p, force=False, **kwargs)
+    except InvalidDicomError as err:
+        if has_preamble:
+            raise _Reason(f"corrupt DICOM file: {_short(err)}") from err
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as err:
+        raise _Reason(f"corrupt DICOM file: {_short(err)}") from err
+    # A .dcm/.dicom file without the 128-byte preamble and 'DICM' marker: old files are written
+    # like that; read it forced, but anything without pixel data is reported as "not DICOM".
+    try:
+        ds = pydicom.dcmread(p, force=True, **kwargs)
+        if "PixelData" not in ds:
+            raise ValueError("no 'DICM' marker and no pixel data")
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as err:
+        raise _Reason(f"not a DICOM file ({_short(err)})") from err
+    if "TransferSyntaxUID" not in ds.file_meta:
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit = ds.original_encoding[0] if _PYDICOM3 else ds.is_implicit_VR
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
+def _check_dicom_dataset(ds) -> None:
+    """Pixel data present, size within the limit, a decoder available for the transfer syntax."""
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise _Reason("DICOM file has no pixel data")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise _Reason("corrupt DICOM file: missing or invalid Rows/Columns") from None
+    if rows <= 0 or cols <= 0:
+        raise _Reason(f"DICOM image has no pixels (Rows={rows}, Columns={cols})")
+    _check_pixel_count(cols, rows)
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is not None and ts.is_compressed and _get_decoder is not None:
+        try:
+            decoder = _get_decoder(ts)
+            available = decoder.is_available
+        except NotImplementedError:
+            raise _Reason(f"unsupported DICOM transfer syntax '{ts.name}' ({ts})") from None
+        if not available:
+            raise _Reason(
+                f"compressed DICOM transfer syntax '{ts.name}' ({ts}) needs a pixel-data decoder "
+                f"that is not installed: {_DICOM_DECODER_HINT}"
+            )
+
+
+def _read_dicom(p: Path, has_preamble: bool) -> np.ndarray:
+    ds = _dcmread(p, has_preamble, lazy=False)
+    _check_dicom_dataset(ds)
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        if _PYDICOM3:
+            ds.pixel_array_options(index=0)  # decode the first frame only
+            arr = ds.pixel_array
+        else:  # pragma: no cover - pydicom 2.x
+            arr = ds.pixel_array
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+                arr = arr[0]
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as err:
+        if ts is not None and ts.is_compressed:
+            hint = "" if _get_decoder is not None else f"; if no decoder is installed, {_DICOM_DECODER_HINT}"
+            raise _Reason(
+                f"cannot decode compressed DICOM transfer syntax '{ts.name}' ({ts}): {_short(err)}{hint}"
+            ) from err
+        raise _Reason(f"corrupt DICOM pixel data: {_short(err)}") from err
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+        if arr.ndim == 3:  # colour: (rows, cols, 3)
+            if not _PYDICOM3 and photometric.startswith("YBR"):  # pragma: no cover - pydicom 2.x
+                from pydicom.pixel_data_handlers.util import convert_color_space
+
+                arr = convert_color_space(arr, photometric, "RGB")
+            rgb = arr if arr.dtype == np.uint8 else _minmax_uint8(arr, what="DICOM image")
+            return np.array(Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB").convert("L"))
+        values = apply_modality_lut(arr, ds)
+        values = apply_voi_lut(values, ds, index=0)
+    except _Reason:
+        raise
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as err:
+        raise _Reason(f"cannot apply the DICOM LUTs ({photometric}): {_short(err)}") from err
+    out = _minmax_uint8(values, what="DICOM image")
+    if photometric == "MONOCHROME1":  # 0 is white: invert so that bright = dense, as MONOCHROME2
+        out = 255 - out
+    return out

@@ -1,0 +1,69 @@
+"""The seed CNN of the Keras original: Conv2D(3x3)+ReLU+MaxPool blocks, Dense(128), Dropout, one logit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _side_after_blocks(image_size: int, n_blocks: int) -> int:
+    """Spatial size after n (valid 3x3 conv -> 2x2 max-pool) blocks, as Keras computes it."""
+    size = image_size
+    for _ in range(n_blocks):
+        size = (size - 2) // 2
+    if size < 1:
+        raise ValueError(f"image_size {image_size} is too small for {n_blocks} conv/pool blocks")
+    return size
+
+
+class SeedCNN(nn.Module):
+    """Conv blocks (valid 3x3 conv, ReLU, 2x2 max-pool), Flatten, Dense+ReLU, Dropout, Dense(1).
+
+    Glorot-uniform weights and zero biases, as Keras initialises them. The flattened size depends on
+    the image size, so it is given (Keras fixes it from ``input_shape`` too).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 500,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128, 128),
+        dense_units: int = 128,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "name": "SeedCNN",
+            "image_size": int(image_size),
+            "in_channels": int(in_channels),
+            "channels": [int(c) for c in channels],
+            "dense_units": int(dense_units),
+            "dropout": float(dropout),
+        }
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for width in channels:
+            layers += [nn.Conv2d(prev, width, kernel_size=3), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            prev = width
+        self.features = nn.Sequential(*layers)
+        side = _side_after_blocks(image_size, len(channels))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(prev * side * side, dense_units),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(dense_units, 1),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) float in [0, 1] -> (B,) logits."""
+        return self.classifier(self.features(x)).squeeze(-1)

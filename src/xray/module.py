@@ -1,0 +1,218 @@
+"""The LightningModule: one logit per image, BCE-with-logits, torchmetrics, Keras-like optimisation.
+
+The network emits logits; sigmoid is applied only for metrics and prediction. What prediction needs
+to reproduce training (network config, preprocessing, label mapping, decision threshold) is written
+into every checkpoint under ``checkpoint["xray"]`` as plain data, loadable with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import nn
+from torchmetrics import MetricCollection, SumMetric
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+from xray.constants import CLASSES
+
+CHECKPOINT_KEY = "xray"
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; the message names the epoch and step."""
+
+
+def flip_tta_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean logit over the identity, horizontal, vertical and both flips (the training flips)."""
+    views = (x, x.flip(-1), x.flip(-2), x.flip(-1, -2))
+    return torch.stack([net(v) for v in views]).mean(0)
+
+
+class XRayClassifier(LightningModule):
+    """NORMAL (0) vs PNEUMONIA (1) from one grayscale channel."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_monitor: str = "val/loss",
+        scheduler_interval: str = "epoch",
+        pos_weight: float | str | None = None,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        tta: bool = False,
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"model.scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if isinstance(pos_weight, str) and pos_weight != "auto":
+            raise ValueError(f"model.pos_weight must be a number, 'auto' or null, got {pos_weight!r}")
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.threshold = float(threshold)
+        self.threshold_rule = "fixed"
+        self.preprocessing: dict[str, Any] = {}
+        self.register_buffer("pos_weight", torch.ones(()), persistent=False)
+        self.train_metrics = MetricCollection({"acc": BinaryAccuracy(), "auroc": BinaryAUROC()}, prefix="train/")
+        self.val_metrics = MetricCollection(
+            {"acc": BinaryAccuracy(), "auroc": BinaryAUROC(), "n": SumMetric()}, prefix="val/"
+        )
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        # every evaluated probability, gathered across processes: threshold choice, plots, reports
+        self.eval_probs = CatMetric()
+        self.eval_labels = CatMetric()
+        self.eval_index = CatMetric()
+
+    # ----- model --------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) float in [0, 1] -> (B,) logits."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.hparams.tta and not self.training:
+            return flip_tta_logits(self.net, x)
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        self.preprocessing = dict(datamodule.preprocessing)
+        if stage == "fit":
+            self.pos_weight.fill_(self._resolve_pos_weight(datamodule.train_class_counts()))
+
+    def _resolve_pos_weight(self, counts: dict[str, int]) -> float:
+        pos_weight = self.hparams.pos_weight
+        if pos_weight is None:
+            return 1.0
+        if pos_weight == "auto":
+            return counts[CLASSES[0]] / max(counts[CLASSES[1]], 1)
+        return float(pos_weight)
+
+    # ----- steps --------------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels.float()
+        smoothing = self.hparams.label_smoothing
+        if smoothing:
+            targets = targets * (1.0 - smoothing) + 0.5 * smoothing
+        return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=self.pos_weight)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels, _ = batch
+        logits = self(images)
+        loss = self._loss(logits, labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, "
+                f"step {self.global_step} (batch {batch_idx}); the last good checkpoint is kept. "
+                "Lower the learning rate or check the input data."
+            )
+        self.train_metrics.update(torch.sigmoid(logits.detach().float()), labels)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, prog_bar=False)
+        return loss
+
+    def _eval_step(self, batch: Any, metrics: MetricCollection, prefix: str) -> None:
+        images, labels, index = batch
+        logits = self(images).float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=self.pos_weight)
+        probs = torch.sigmoid(logits)
+        metrics["acc"].update(probs, labels)
+        metrics["auroc"].update(probs, labels)
+        metrics["n"].update(torch.ones_like(probs))
+        self.eval_probs.update(probs)
+        self.eval_labels.update(labels.float())
+        self.eval_index.update(torch.as_tensor(index, device=probs.device).float())
+        self.log(f"{prefix}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                 sync_dist=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_collected()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_collected()
+
+    def _reset_collected(self) -> None:
+        for metric in (self.eval_probs, self.eval_labels, self.eval_index):
+            metric.reset()
+
+    def collected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probs, labels, dataset indices) of the last validation or test epoch, all processes."""
+        if not self.eval_probs.update_called:
+            empty = torch.empty(0)
+            return empty, empty, empty.long()
+        probs = self.eval_probs.compute().flatten().cpu()
+        labels = self.eval_labels.compute().flatten().long().cpu()
+        index = self.eval_index.compute().flatten().long().cpu()
+        return probs, labels, index
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.sigmoid(self(images).float())
+
+    # ----- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs: dict[str, Any] = {}
+        factory = self.scheduler_factory
+        target = getattr(factory, "func", factory)
+        if "total_steps" in inspect.signature(target).parameters and "total_steps" not in getattr(
+            factory, "keywords", {}
+        ):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = factory(optimizer=optimizer, **kwargs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "monitor": self.hparams.scheduler_monitor,
+                "interval": self.hparams.scheduler_interval,
+            },
+        }
+
+    # ----- checkpoint contents ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "net": dict(self.net.config),
+            "preprocessing": dict(self.preprocessing),
+            "classes": list(CLASSES),
+            "threshold": float(self.threshold),
+            "threshold_rule": self.threshold_rule,
+            "tta": bool(self.hparams.tta),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY, {})
+        self.threshold = float(meta.get("threshold", self.threshold))
+        self.threshold_rule = meta.get("threshold_rule", self.threshold_rule)
+        self.preprocessing = dict(meta.get("preprocessing", self.preprocessing))

@@ -1,0 +1,121 @@
+"""What ``train.py`` does, callable from Python: instantiate, fit, choose the threshold, test, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
+from xray.config_checks import validate_config
+from xray.evaluation import choose_threshold, evaluate, write_metrics_json, write_report
+from xray.reporting import write_plots
+
+log = logging.getLogger(__name__)
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Fail before any data is read when the run directory cannot be written (or the disk is full)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-") as handle:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise PermissionError(f"{directory}: output directory is not writable ({err.strerror or err})") from None
+
+
+def instantiate_list(section: DictConfig | None) -> list[Any]:
+    """Instantiate each ``_target_`` entry of a config group (callbacks, loggers)."""
+    if not section:
+        return []
+    return [hydra.utils.instantiate(c) for c in section.values() if c is not None and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by ``cfg``; returns the metrics written to metrics.json."""
+    validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    check_writable(output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.check_dataset()  # stop at once when no dataset is at data.root
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
+    if best_path is not None and best_path.exists():
+        state = load_checkpoint_file(best_path)  # the safe loader, also for our own files
+        model.load_state_dict(state["state_dict"])
+    results, extras = evaluate_splits(cfg, trainer, model, datamodule, best_path)
+    if not trainer.is_global_zero:
+        return results
+    payload = {
+        "best_checkpoint": str(best_path) if best_path else None,
+        "epochs_run": int(trainer.current_epoch),
+        "threshold": model.threshold,
+        "threshold_rule": model.threshold_rule,
+        **results,
+    }
+    write_metrics_json(output_dir / "metrics.json", payload)
+    write_plots(output_dir, extras, model.threshold, trainer.loggers, datamodule, cfg.evaluation.mistakes)
+    write_report(output_dir, results=results, counts=datamodule.counts(), config=report_config(cfg, trainer, model))
+    log.info("Run directory: %s", output_dir)
+    return payload
+
+
+def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule: Any, best_path: Path | None):
+    """Validate the best weights, choose the threshold on validation, store it, then test."""
+    ev = cfg.evaluation
+    results: dict[str, Any] = {}
+    extras: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    probs, labels, index = model.collected()
+    extras["val"] = (probs, labels, index)
+    model.threshold = choose_threshold(probs, labels, rule=ev.threshold_rule, target_sensitivity=ev.target_sensitivity)
+    model.threshold_rule = str(ev.threshold_rule)
+    if best_path is not None and best_path.exists() and trainer.is_global_zero:
+        update_checkpoint_meta(best_path, threshold=model.threshold, threshold_rule=model.threshold_rule)
+    results["val"] = evaluate(probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed)
+    if cfg.get("test") and "test" in datamodule.datasets:
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        probs, labels, index = model.collected()
+        extras["test"] = (probs, labels, index)
+        results["test"] = evaluate(probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed)
+    return results, extras
+
+
+def report_config(cfg: DictConfig, trainer: L.Trainer, model: Any) -> dict[str, Any]:
+    """The settings a reader of report.md needs, flat."""
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    augment = cfg.data.get("augment")
+    return {
+        "model": net.get("_target_", "?").rsplit(".", 1)[-1] + (f" ({net['arch']})" if "arch" in net else ""),
+        "image size": cfg.data.image_size,
+        "batch size": cfg.data.batch_size,
+        "augmentation": "none" if not augment else ", ".join(f"{k}={v}" for k, v in augment.items()),
+        "optimizer": cfg.model.optimizer._target_.rsplit(".", 1)[-1] + f" lr={cfg.model.optimizer.lr}",
+        "scheduler": (cfg.model.scheduler or {}).get("_target_", "none").rsplit(".", 1)[-1],
+        "precision": cfg.trainer.precision,
+        "epochs run": trainer.current_epoch,
+        "validation": f"{cfg.data.val_source} (fraction {cfg.data.val_fraction}, grouped by patient)",
+        "threshold rule": cfg.evaluation.threshold_rule,
+        "threshold": round(model.threshold, 4),
+        "seed": cfg.seed,
+    }

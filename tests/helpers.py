@@ -1,0 +1,53 @@
+"""Running train.py's code path in-process through Hydra's compose API (no subprocess start-up cost)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from tests.conftest import PROJECT_ROOT
+
+TINY = [
+    "data.image_size=48",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "model.net.channels=[8,16,16]",
+    "model.net.dense_units=16",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "evaluation.n_bootstrap=50",
+    "evaluation.mistakes=4",
+]
+
+
+def compose_config(data_root: Path, run_dir: Path, overrides: list[str] | None = None) -> Any:
+    """The train config with tiny settings, writing into ``run_dir`` (Hydra runtime set up too)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[f"data.root={data_root}", f"paths.cache_dir={run_dir.parent / 'cache'}",
+                       f"hydra.run.dir={run_dir}", *TINY, *(overrides or [])],
+            return_hydra_config=True,
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_training(data_root: Path, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    from xray.training import train
+
+    cfg = compose_config(data_root, run_dir, overrides)
+    return train(cfg)
