@@ -28,14 +28,21 @@ TINY = [
 ]
 
 
-def compose_config(data_root: Path, run_dir: Path, overrides: list[str] | None = None) -> Any:
+def compose_config(
+    data_root: Path, run_dir: Path, overrides: list[str] | None = None, tiny: bool = True
+) -> Any:
     """The train config with tiny settings, writing into ``run_dir`` (Hydra runtime set up too)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="config",
-            overrides=[f"data.root={data_root}", f"paths.cache_dir={run_dir.parent / 'cache'}",
-                       f"hydra.run.dir={run_dir}", *TINY, *(overrides or [])],
+            overrides=[
+                f"data.root={data_root}",
+                f"paths.cache_dir={run_dir.parent / 'cache'}",
+                f"hydra.run.dir={run_dir}",
+                *(TINY if tiny else []),
+                *(overrides or []),
+            ],
             return_hydra_config=True,
         )
     with open_dict(cfg):

@@ -68,17 +68,23 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
             f"{path}: checkpoint is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})"
         ) from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (top level is {type(checkpoint).__name__})")
+        raise CheckpointError(
+            f"{path}: not a Lightning checkpoint (top level is {type(checkpoint).__name__})"
+        )
     return checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO: atomic saves; loads (resume included) through the safe loader."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> Any:
         try:
             return load_checkpoint_file(path, map_location=map_location or "cpu")
         except CheckpointError as err:
@@ -118,7 +124,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedMode
         raise CheckpointError(f"{path}: checkpoint has no preprocessing settings (image size)")
     try:
         net = build_net(meta["net"])
-        state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
         state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
         net.load_state_dict(state)
     except (ValueError, TypeError, RuntimeError, KeyError) as err:
@@ -162,7 +168,11 @@ def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "lo
         return PRETRAINED_PATH
     path = Path(spec_str).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / BEST_NAME, path / BEST_NAME, path / "checkpoints" / LAST_NAME):
+        for candidate in (
+            path / "checkpoints" / BEST_NAME,
+            path / BEST_NAME,
+            path / "checkpoints" / LAST_NAME,
+        ):
             if candidate.is_file():
                 return candidate
         raise CheckpointError(f"{path}: run directory holds no checkpoints/{BEST_NAME} or {LAST_NAME}")

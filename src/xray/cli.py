@@ -21,8 +21,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from xray.data.records import DatasetLayoutError
     from xray.module import NonFiniteLossError
 
-    return (CheckpointError, ConfigError, BadImagesError, DatasetNotFoundError, DownloadError,
-            DatasetLayoutError, NonFiniteLossError, PermissionError)
+    return (
+        CheckpointError,
+        ConfigError,
+        BadImagesError,
+        DatasetNotFoundError,
+        DownloadError,
+        DatasetLayoutError,
+        NonFiniteLossError,
+        PermissionError,
+    )
 
 
 @contextlib.contextmanager
@@ -53,6 +61,12 @@ def expand_resume(argv: list[str]) -> list[str]:
         sys.exit(EXIT_USER_ERROR)
     rest = [a for a in argv[1:] if not a.startswith("resume=")]
     return [
-        argv[0], "--config-path", str(config_dir.resolve()), "--config-name", "config",
-        f"hydra.run.dir={run_dir}", f"ckpt_path={last}", *rest,
+        argv[0],
+        "--config-path",
+        str(config_dir.resolve()),
+        "--config-name",
+        "config",
+        f"hydra.run.dir={run_dir}",
+        f"ckpt_path={last}",
+        *rest,
     ]

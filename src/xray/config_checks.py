@@ -40,7 +40,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.interpolation": (lambda v: v in ("nearest", "bilinear", "bicubic"), "nearest, bilinear or bicubic"),
     "data.val_source": (lambda v: v in ("split", "official"), "split or official"),
     "data.train_limit_per_class": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "data.augment.rotation_range": (lambda v: _is_num(v) and 0 <= v <= 180, "a number of degrees in [0, 180]"),
+    "data.augment.rotation_range": (
+        lambda v: _is_num(v) and 0 <= v <= 180,
+        "a number of degrees in [0, 180]",
+    ),
     "data.augment.width_shift_range": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "data.augment.height_shift_range": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "data.augment.shear_range": (lambda v: _is_num(v) and v >= 0, "a number of degrees >= 0"),
@@ -49,7 +52,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.max_epochs": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),
     "model.optimizer.lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "model.label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "evaluation.threshold_rule": (lambda v: v in ("youden", "sensitivity", "fixed"), "youden, sensitivity or fixed"),
+    "evaluation.threshold_rule": (
+        lambda v: v in ("youden", "sensitivity", "fixed"),
+        "youden, sensitivity or fixed",
+    ),
     "evaluation.target_sensitivity": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     "evaluation.n_bootstrap": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }

@@ -54,7 +54,9 @@ class XRayClassifier(LightningModule):
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"model.scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+            raise ValueError(
+                f"model.scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
+            )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         if isinstance(pos_weight, str) and pos_weight != "auto":
@@ -67,7 +69,9 @@ class XRayClassifier(LightningModule):
         self.threshold_rule = "fixed"
         self.preprocessing: dict[str, Any] = {}
         self.register_buffer("pos_weight", torch.ones(()), persistent=False)
-        self.train_metrics = MetricCollection({"acc": BinaryAccuracy(), "auroc": BinaryAUROC()}, prefix="train/")
+        self.train_metrics = MetricCollection(
+            {"acc": BinaryAccuracy(), "auroc": BinaryAUROC()}, prefix="train/"
+        )
         self.val_metrics = MetricCollection(
             {"acc": BinaryAccuracy(), "auroc": BinaryAUROC(), "n": SumMetric()}, prefix="val/"
         )
@@ -143,8 +147,15 @@ class XRayClassifier(LightningModule):
         self.eval_probs.update(probs)
         self.eval_labels.update(labels.float())
         self.eval_index.update(torch.as_tensor(index, device=probs.device).float())
-        self.log(f"{prefix}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
-                 sync_dist=True)
+        self.log(
+            f"{prefix}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=True,
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

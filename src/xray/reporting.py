@@ -38,11 +38,15 @@ def write_plots(
     main_split = "test" if "test" in curves else "val"
     m = classification_metrics(*curves[main_split], threshold)
     figures["confusion_matrix"] = plots.make_confusion_matrix_figure(
-        int(m["tn"]), int(m["fp"]), int(m["fn"]), int(m["tp"]),
+        int(m["tn"]),
+        int(m["fp"]),
+        int(m["fn"]),
+        int(m["tp"]),
         title=f"Confusion matrix ({main_split}, threshold {threshold:.3f})",
     )
-    figures["calibration"] = plots.make_calibration_figure(*curves["val" if "val" in curves else main_split],
-                                                           title="Calibration (validation)")
+    figures["calibration"] = plots.make_calibration_figure(
+        *curves["val" if "val" in curves else main_split], title="Calibration (validation)"
+    )
     if "val" in splits and mistakes > 0:
         probs, labels, index = splits["val"]
         wrong = torch.nonzero((probs >= threshold).long() != labels).reshape(-1)
@@ -55,7 +59,12 @@ def write_plots(
             images = torch.stack([dataset.image(i) for i in index[order].tolist()])
         names = [datamodule.datasets["val"].records[i].path.name for i in index[order].tolist()]
         figures["mistakes"] = plots.make_mistakes_figure(
-            images, probs[order], labels[order], names, k=mistakes, threshold=threshold,
+            images,
+            probs[order],
+            labels[order],
+            names,
+            k=mistakes,
+            threshold=threshold,
             title="Most confident validation mistakes",
         )
     written = []

@@ -32,7 +32,9 @@ def check_writable(directory: str | os.PathLike) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as err:
-        raise PermissionError(f"{directory}: output directory is not writable ({err.strerror or err})") from None
+        raise PermissionError(
+            f"{directory}: output directory is not writable ({err.strerror or err})"
+        ) from None
 
 
 def instantiate_list(section: DictConfig | None) -> list[Any]:
@@ -75,7 +77,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     write_metrics_json(output_dir / "metrics.json", payload)
     write_plots(output_dir, extras, model.threshold, trainer.loggers, datamodule, cfg.evaluation.mistakes)
-    write_report(output_dir, results=results, counts=datamodule.counts(), config=report_config(cfg, trainer, model))
+    write_report(
+        output_dir, results=results, counts=datamodule.counts(), config=report_config(cfg, trainer, model)
+    )
     log.info("Run directory: %s", output_dir)
     return payload
 
@@ -88,7 +92,9 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     trainer.validate(model, datamodule=datamodule, verbose=False)
     probs, labels, index = model.collected()
     extras["val"] = (probs, labels, index)
-    model.threshold = choose_threshold(probs, labels, rule=ev.threshold_rule, target_sensitivity=ev.target_sensitivity)
+    model.threshold = choose_threshold(
+        probs, labels, rule=ev.threshold_rule, target_sensitivity=ev.target_sensitivity
+    )
     model.threshold_rule = str(ev.threshold_rule)
     if best_path is not None and best_path.exists() and trainer.is_global_zero:
         update_checkpoint_meta(best_path, threshold=model.threshold, threshold_rule=model.threshold_rule)
@@ -97,7 +103,9 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
         trainer.test(model, datamodule=datamodule, verbose=False)
         probs, labels, index = model.collected()
         extras["test"] = (probs, labels, index)
-        results["test"] = evaluate(probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed)
+        results["test"] = evaluate(
+            probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed
+        )
     return results, extras
 
 

@@ -106,8 +106,15 @@ def build_cache(
         os.replace(tmp_array, array_path)
         tmp_manifest = manifest_path.with_suffix(".json.tmp")
         tmp_manifest.write_text(
-            json.dumps({"version": CACHE_VERSION, "image_size": image_size, "interpolation": interpolation,
-                        "paths": paths, "errors": errors})
+            json.dumps(
+                {
+                    "version": CACHE_VERSION,
+                    "image_size": image_size,
+                    "interpolation": interpolation,
+                    "paths": paths,
+                    "errors": errors,
+                }
+            )
         )
         os.replace(tmp_manifest, manifest_path)
     finally:

@@ -119,7 +119,7 @@ class XRayDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 42,
         train_limit_per_class: int | None = None,
-        augment: dict[str, Any] | None = None,
+        augment: dict[str, Any] | None = DEFAULT_AUGMENT,
         augment_on: str = "batch",
         balanced_sampler: bool = False,
         skip_bad_images: bool = False,
@@ -222,8 +222,12 @@ class XRayDataModule(LightningDataModule):
             if split == "train" and self.augment and self.augment_on == "sample":
                 sample_transform = KerasRandomAffine(**self.augment)
             self.datasets[split] = XRayDataset(
-                records, self.image_size, self.interpolation, cache,
-                [rows[str(r.path)] for r in records] if cache is not None else None, sample_transform,
+                records,
+                self.image_size,
+                self.interpolation,
+                cache,
+                [rows[str(r.path)] for r in records] if cache is not None else None,
+                sample_transform,
             )
 
     def _limit(self, records: list[Record], per_class: int) -> list[Record]:
@@ -242,7 +246,11 @@ class XRayDataModule(LightningDataModule):
         cache = None
         if self.cache:
             cache = build_cache(
-                [r.path for r in records], self.image_size, self.interpolation, self.cache_dir, self.num_workers
+                [r.path for r in records],
+                self.image_size,
+                self.interpolation,
+                self.cache_dir,
+                self.num_workers,
             )
             bad = dict(cache.errors)
         else:
@@ -254,8 +262,10 @@ class XRayDataModule(LightningDataModule):
                     f"{len(bad)} unreadable image file(s) in {self.root / split}:\n{listing}\n"
                     "Fix or remove them, or set data.skip_bad_images=true to leave them out."
                 )
-            warnings.warn(f"Skipping {len(bad)} unreadable image file(s) in {self.root / split}:\n{listing}",
-                          stacklevel=2)
+            warnings.warn(
+                f"Skipping {len(bad)} unreadable image file(s) in {self.root / split}:\n{listing}",
+                stacklevel=2,
+            )
             self.bad_files.update(bad)
         return cache, {str(r.path): i for i, r in enumerate(records)}
 
@@ -317,7 +327,10 @@ class XRayDataModule(LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if training and self.augment and self.augment_on == "batch":
             params = sample_keras_params(
-                images.shape[0], images.shape[-2], images.shape[-1], device=images.device,
+                images.shape[0],
+                images.shape[-2],
+                images.shape[-1],
+                device=images.device,
                 **{k: v for k, v in self.augment.items() if k != "fill_mode"},
             )
             images = keras_augment_batch(images, params)

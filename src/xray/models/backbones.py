@@ -11,8 +11,16 @@ import torch
 import torchvision
 from torch import nn
 
-SUPPORTED_PREFIXES = ("resnet", "resnext", "wide_resnet", "efficientnet", "convnext", "densenet",
-                      "mobilenet", "regnet")
+SUPPORTED_PREFIXES = (
+    "resnet",
+    "resnext",
+    "wide_resnet",
+    "efficientnet",
+    "convnext",
+    "densenet",
+    "mobilenet",
+    "regnet",
+)
 
 # ImageNet statistics reduced to gray (mean of the RGB means / stds): inputs arrive in [0, 1]
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
@@ -53,8 +61,14 @@ class TorchvisionNet(nn.Module):
         net = torchvision.models.get_model(arch, weights=weights)
         stem = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
         new_stem = nn.Conv2d(
-            in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
-            stem.dilation, stem.groups, stem.bias is not None,
+            in_channels,
+            stem.out_channels,
+            stem.kernel_size,
+            stem.stride,
+            stem.padding,
+            stem.dilation,
+            stem.groups,
+            stem.bias is not None,
         )
         with torch.no_grad():
             mean_filter = stem.weight.mean(dim=1, keepdim=True) * stem.in_channels

@@ -1,0 +1,482 @@
+"""What ``predict.py`` does, callable from Python: files in, one probability (or one error) per file out.
+
+The preprocessing is the training code's own (:func:`xray.data.cache.load_resized` per file, then
+:func:`xray.transforms.rescale` on the batch), with the image size and interpolation read from the
+checkpoint, so a file is scored exactly as validation and test score it during training.
+
+Per-file faults never stop a run: the Dataset returns either ``(uint8 image, index)`` or
+``(error reason, index)``, and :func:`collate_separating_failures` keeps failures out of the batch
+tensor. Each input file gives exactly one :class:`PredictionRow`, in input order.
+
+Exit codes of :func:`run_predict` (and ``predict.py``): ``EXIT_OK`` (0) every file predicted,
+``EXIT_SOME_FAILED`` (3) at least one file could not be read (its row carries the reason), and
+``xray.cli.EXIT_USER_ERROR`` (2, raised as an error and reported by ``fail_cleanly``) for a bad
+checkpoint, a missing or empty input, or a bad setting.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from xray.checkpoints import LoadedModel, load_model, resolve_checkpoint
+from xray.config_checks import ConfigError
+from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
+from xray.data.cache import load_resized
+from xray.data.io import ImageReadError
+from xray.module import flip_tta_logits
+from xray.transforms import rescale
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CSV_COLUMNS",
+    "EXIT_OK",
+    "EXIT_SOME_FAILED",
+    "InputError",
+    "PredictDataset",
+    "PredictionRow",
+    "class_from_path",
+    "collate_separating_failures",
+    "collect_inputs",
+    "label_metrics",
+    "predict_files",
+    "resolve_device",
+    "run_predict",
+    "write_csv",
+]
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 3
+"""Some files could not be read: their rows have ``error`` set; every other file was predicted."""
+
+CSV_COLUMNS: tuple[str, ...] = ("path", "prob_pneumonia", "label", "threshold", "error")
+_GLOB_CHARS = frozenset("*?[")
+
+
+class InputError(ConfigError):
+    """``input=`` names nothing to predict (missing path, empty folder, glob without matches).
+
+    A ConfigError, so ``xray.cli.fail_cleanly`` reports it as one ``error:`` line with exit code 2.
+    """
+
+
+@dataclass
+class PredictionRow:
+    """One input file: its probability and label at ``threshold``, or why it could not be read."""
+
+    path: str
+    prob_pneumonia: float | None
+    label: str | None
+    threshold: float
+    error: str | None = None
+    true_label: int | None = None  # from a NORMAL/PNEUMONIA parent folder; not written to the CSV
+    gradcam: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _scan_folder(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted); other extensions and hidden files ignored."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image_name(p))
+
+
+def _read_list_file(list_file: Path) -> list[Path]:
+    """One path per line; relative ones are relative to the list file; blanks and ``#`` lines skipped."""
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"input={list_file}: cannot read the list file ({err})") from None
+    paths: list[Path] = []
+    for line in text.splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry).expanduser()
+        path = path if path.is_absolute() else list_file.parent / path
+        paths.extend(_scan_folder(path) if path.is_dir() else [path])  # a listed file is always attempted
+    return paths
+
+
+def collect_inputs(spec: str | os.PathLike[str]) -> list[Path]:
+    """Files to predict from ``input=``: a file, a folder (recursive), a glob, or a ``.txt`` list.
+
+    In a folder only image extensions are collected; an explicitly named file (directly, by a glob
+    or in a list) is attempted whatever its extension, and fails on its own row if unreadable.
+    Raises :class:`InputError` when there is nothing to predict.
+    """
+    spec_str = os.fspath(spec)
+    path = Path(spec_str).expanduser()
+    if not path.exists() and _GLOB_CHARS & set(spec_str):
+        matches = sorted(glob.glob(os.path.expanduser(spec_str), recursive=True))
+        paths: list[Path] = []
+        for match in map(Path, matches):
+            paths.extend(_scan_folder(match) if match.is_dir() else [match])
+        if not paths:
+            raise InputError(f"input={spec_str}: the pattern matches no files")
+        return paths
+    if not path.exists():
+        raise InputError(f"input={spec_str}: no such file or directory")
+    if path.is_dir():
+        paths = _scan_folder(path)
+        if not paths:
+            raise InputError(
+                f"input={spec_str}: folder holds no image files (searched recursively for "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        return paths
+    if path.suffix.lower() == ".txt":
+        paths = _read_list_file(path)
+        if not paths:
+            raise InputError(f"input={spec_str}: the list file names no files (blank and # lines are skipped)")
+        return paths
+    return [path]
+
+
+def class_from_path(path: str | os.PathLike[str]) -> int | None:
+    """Label from the nearest parent folder named NORMAL or PNEUMONIA (the Kermany layout), else None."""
+    for parent in Path(os.path.abspath(path)).parents:
+        if parent.name in CLASS_TO_INDEX:
+            return CLASS_TO_INDEX[parent.name]
+    return None
+
+
+# --------------------------------------------------------------------------------------------- batching
+class PredictDataset(Dataset):
+    """Files through the eval preset; an unreadable file gives its reason instead of raising."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], image_size: int, interpolation: str) -> None:
+        self.paths = [os.fspath(p) for p in paths]
+        self.image_size = int(image_size)
+        self.interpolation = interpolation
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | str, int]:
+        try:
+            array = load_resized(self.paths[index], self.image_size, self.interpolation)
+        except ImageReadError as err:
+            return err.reason, index
+        except Exception as err:  # one odd file must not take the other files of its batch down
+            return f"cannot read image: {type(err).__name__}: {str(err)[:300]}", index
+        return torch.from_numpy(array).unsqueeze(0), index
+
+
+def collate_separating_failures(
+    items: Sequence[tuple[Tensor | str, int]],
+) -> tuple[Tensor | None, Tensor, list[tuple[int, str]]]:
+    """(uint8 images (B,1,S,S) or None when every file failed, their indices, [(index, reason)])."""
+    good = [(image, index) for image, index in items if isinstance(image, Tensor)]
+    failed = [(index, reason) for reason, index in items if isinstance(reason, str)]
+    images = torch.stack([image for image, _ in good]) if good else None
+    return images, torch.tensor([index for _, index in good], dtype=torch.long), failed
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; otherwise any torch device string."""
+    if spec is None or str(spec) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(str(spec))
+    except RuntimeError as err:
+        raise ConfigError(f"device={spec!r} is not a torch device ({err}); use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={spec}: CUDA is not available on this machine; use device=auto or cpu")
+    return device
+
+
+def probabilities(net: nn.Module, images: Tensor, tta: bool) -> Tensor:
+    """uint8 (B,1,S,S) -> P(PNEUMONIA) (B,): rescale, logits (flip TTA if asked), sigmoid."""
+    x = rescale(images)
+    logits = flip_tta_logits(net, x) if tta else net(x)
+    return torch.sigmoid(logits.float()).reshape(-1)
+
+
+def predict_files(
+    model: LoadedModel,
+    paths: Sequence[str | os.PathLike[str]],
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | torch.device | None = "auto",
+    threshold: float | None = None,
+    tta: bool | None = None,
+    progress: bool = False,
+    gradcam_dir: str | os.PathLike[str] | None = None,
+) -> list[PredictionRow]:
+    """One row per path, in order: batched, through DataLoader workers, under ``inference_mode``.
+
+    ``threshold``/``tta`` default to the checkpoint's. ``gradcam_dir``: also write one Grad-CAM
+    overlay PNG per readable image there (of the plain network, also when TTA is on).
+    """
+    threshold = model.threshold if threshold is None else float(threshold)
+    tta = bool(model.meta.get("tta", False)) if tta is None else bool(tta)
+    target = resolve_device(device)
+    net = model.net.to(target).eval()
+    dataset = PredictDataset(paths, model.image_size, model.interpolation)
+    n_batches = math.ceil(len(dataset) / batch_size)
+    workers = min(int(num_workers), n_batches)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_separating_failures,
+        pin_memory=target.type == "cuda",
+    )
+    probs: dict[int, float] = {}
+    errors: dict[int, str] = {}
+    heatmaps: dict[int, str] = {}
+    cam = _GradCam(net, Path(gradcam_dir)) if gradcam_dir is not None else None
+    with tqdm(total=len(dataset), desc="Predicting", unit="img", disable=not progress) as bar:
+        for images, index, failed in loader:
+            errors.update(failed)
+            if images is not None:
+                images = images.to(target, non_blocking=True)
+                with torch.inference_mode():
+                    batch_probs = probabilities(net, images, tta).cpu().tolist()
+                probs.update(zip(index.tolist(), batch_probs, strict=True))
+                if cam is not None:
+                    heatmaps.update(cam.write(images, index.tolist(), batch_probs, dataset.paths, threshold))
+            bar.update(len(index) + len(failed))
+    rows = []
+    for i, path in enumerate(dataset.paths):
+        prob = probs.get(i)
+        error = errors.get(i, None if prob is not None else "not predicted")
+        rows.append(
+            PredictionRow(
+                path=path,
+                prob_pneumonia=prob,
+                label=None if prob is None else CLASSES[int(prob >= threshold)],
+                threshold=threshold,
+                error=error,
+                true_label=class_from_path(path),
+                gradcam=heatmaps.get(i),
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- grad-cam
+def last_conv2d(net: nn.Module) -> nn.Conv2d:
+    """The last Conv2d of ``net`` in module order: the usual Grad-CAM layer."""
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ConfigError(f"gradcam=true: the network {type(net).__name__} has no Conv2d layer")
+    return convs[-1]
+
+
+class _GradCam:
+    """captum LayerGradCam on the last Conv2d, upsampled to the input size, drawn over the image."""
+
+    def __init__(self, net: nn.Module, out_dir: Path) -> None:
+        from captum.attr import LayerGradCam
+
+        self.gradcam = LayerGradCam(net, last_conv2d(net))
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def maps(self, images: Tensor) -> Tensor:
+        """uint8 (B,1,S,S) -> heatmaps (B,S,S) in [0, 1] (ReLU of the map, per-image max scaled)."""
+        from captum.attr import LayerAttribution
+
+        x = rescale(images).clone().requires_grad_(True)  # a normal tensor: autograd outside inference mode
+        with torch.enable_grad():
+            attribution = self.gradcam.attribute(x, relu_attributions=True)
+        heat = LayerAttribution.interpolate(attribution.detach(), tuple(images.shape[-2:]), "bilinear")
+        heat = heat[:, 0].clamp(min=0)
+        peak = heat.flatten(1).amax(1).clamp(min=1e-12)
+        return (heat / peak[:, None, None]).cpu()
+
+    def write(
+        self, images: Tensor, index: list[int], probs: list[float], paths: list[str], threshold: float
+    ) -> dict[int, str]:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from xray.plots import save_figure
+
+        heat = self.maps(images)
+        gray = images[:, 0].cpu().numpy()
+        written: dict[int, str] = {}
+        for k, (i, prob) in enumerate(zip(index, probs, strict=True)):
+            fig = Figure(figsize=(3.2, 3.5), dpi=100)
+            FigureCanvasAgg(fig)
+            ax = fig.subplots()
+            ax.imshow(gray[k], cmap="gray", vmin=0, vmax=255)
+            ax.imshow(heat[k].numpy(), cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
+            name = Path(paths[i]).name
+            name = name if len(name) <= 30 else "…" + name[-29:]
+            ax.set_title(f"{name}\np(PNEUMONIA)={prob:.3f} -> {CLASSES[int(prob >= threshold)]}", fontsize=8)
+            ax.set_axis_off()
+            fig.tight_layout()
+            out = self.out_dir / f"{i:05d}_{Path(paths[i]).stem}.png"
+            written[i] = str(save_figure(fig, out, dpi=100))
+        return written
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.8f}"
+
+
+def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Path:
+    """``path, prob_pneumonia, label, threshold, error``; prob and label empty on error rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for row in rows:
+            writer.writerow([row.path, _fmt(row.prob_pneumonia), row.label or "", f"{row.threshold:.8g}",
+                             row.error or ""])
+    os.replace(tmp, path)
+    return path
+
+
+def label_metrics(rows: Sequence[PredictionRow], threshold: float) -> dict[str, Any] | None:
+    """Clinical metrics over the predicted rows whose folder names their class; None when there are none."""
+    from xray.evaluation import classification_metrics
+
+    labeled = [r for r in rows if r.ok and r.true_label is not None]
+    if not labeled:
+        return None
+    probs = torch.tensor([r.prob_pneumonia for r in labeled], dtype=torch.float64)
+    labels = torch.tensor([r.true_label for r in labeled], dtype=torch.long)
+    metrics = classification_metrics(probs, labels, threshold)
+    metrics["n_unlabeled"] = sum(1 for r in rows if r.ok and r.true_label is None)
+    metrics["n_failed"] = sum(1 for r in rows if not r.ok)
+    return metrics
+
+
+def _clip(text: str, width: int, keep_end: bool = True) -> str:
+    """Shorten to ``width`` characters: paths keep their end (the file name), messages their start."""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if keep_end else text[: width - 1] + "…"
+
+
+def format_table(rows: Sequence[PredictionRow], show: int) -> Iterator[str]:
+    """The first ``show`` rows as a fixed-width table (the CSV has them all)."""
+    yield f"{'path':<52} {'p(PNEU)':>8}  {'label':<9}  error"
+    for row in rows[: max(int(show), 0)]:
+        prob = "" if row.prob_pneumonia is None else f"{row.prob_pneumonia:.4f}"
+        yield f"{_clip(row.path, 52):<52} {prob:>8}  {row.label or '-':<9}  {_clip(row.error or '', 80, keep_end=False)}"
+    if len(rows) > show:
+        yield f"... {len(rows) - max(int(show), 0)} more rows in the CSV"
+
+
+def _fmt_metric(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def _check_settings(cfg: Any) -> None:
+    """Reject impossible values before a checkpoint or an image is read."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(cfg.batch_size) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
+    if not is_int(cfg.num_workers) or cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
+    if not is_int(cfg.show) or cfg.show < 0:
+        raise ConfigError(f"show must be an integer >= 0, got {cfg.show!r}")
+    threshold = cfg.get("threshold")
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0
+    ):
+        raise ConfigError(f"threshold must be a number in [0, 1] or null (checkpoint's), got {threshold!r}")
+    if cfg.get("tta") is not None and not isinstance(cfg.tta, bool):
+        raise ConfigError(f"tta must be true, false or null (checkpoint's), got {cfg.tta!r}")
+
+
+def _output_csv(cfg: Any) -> Path:
+    if cfg.get("output"):
+        return Path(str(cfg.output)).expanduser()
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("output= is required when run_predict is called outside a Hydra run")
+    return Path(HydraConfig.get().runtime.output_dir) / "preds.csv"
+
+
+def run_predict(cfg: Any) -> int:
+    """``predict.py``: resolve the checkpoint, collect inputs, predict, write CSV (+ metrics, Grad-CAM).
+
+    Returns ``EXIT_OK`` or ``EXIT_SOME_FAILED``; raises CheckpointError / InputError / ConfigError
+    (exit code 2 through ``fail_cleanly``) when there is nothing sensible to do.
+    """
+    _check_settings(cfg)
+    ckpt_path = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
+    print(f"checkpoint: {ckpt_path}")
+    if cfg.get("input") is None:
+        default = Path(str(cfg.data.root)).expanduser() / "test"
+        if not default.is_dir():
+            raise InputError(f"no input= given and the default test folder {default} does not exist; "
+                             "pass input=FILE|DIR|GLOB|LIST.txt")
+        input_spec: str = str(default)
+    else:
+        input_spec = str(cfg.input)
+    paths = collect_inputs(input_spec)
+    device = resolve_device(cfg.device)
+    csv_path = _output_csv(cfg)
+    model = load_model(ckpt_path)
+    threshold = model.threshold if cfg.get("threshold") is None else float(cfg.threshold)
+    source = "checkpoint" if cfg.get("threshold") is None else "threshold="
+    print(f"input: {input_spec} ({len(paths)} files); image size {model.image_size}px "
+          f"({model.interpolation}); device {device}; threshold {threshold:.4f} (from {source})")
+    rows = predict_files(
+        model, paths, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
+        threshold=threshold, tta=cfg.get("tta"), progress=True,
+        gradcam_dir=csv_path.parent / "gradcam" if cfg.get("gradcam") else None,
+    )
+    write_csv(rows, csv_path)
+    n_failed = sum(1 for r in rows if not r.ok)
+    for line in format_table(rows, cfg.show):
+        print(line)
+    print(f"predicted {len(rows) - n_failed}, failed {n_failed} (of {len(rows)} files)")
+    print(f"predictions: {csv_path}")
+    metrics = label_metrics(rows, threshold)
+    if metrics is not None:
+        from xray.evaluation import write_metrics_json
+
+        metrics_path = write_metrics_json(
+            csv_path.parent / "metrics.json",
+            {"checkpoint": str(ckpt_path), "input": input_spec, **metrics},
+        )
+        print(
+            f"metrics on {metrics['n']} files labelled by their NORMAL/PNEUMONIA folder: "
+            f"accuracy {_fmt_metric(metrics['accuracy'])}, sensitivity {_fmt_metric(metrics['sensitivity'])}, "
+            f"specificity {_fmt_metric(metrics['specificity'])}, AUROC {_fmt_metric(metrics['auroc'])} "
+            f"-> {metrics_path}"
+        )
+    if cfg.get("gradcam"):
+        print(f"grad-cam overlays: {csv_path.parent / 'gradcam'}")
+    if n_failed:
+        log.warning("%d of %d files could not be read; see the error column of %s", n_failed, len(rows), csv_path)
+        return EXIT_SOME_FAILED
+    return EXIT_OK

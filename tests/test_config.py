@@ -1,0 +1,75 @@
+"""Configs: composition of every experiment, and bad keys rejected before any data is read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from tests.helpers import compose_config
+from xray.config_checks import ConfigError, validate_config
+
+
+@pytest.mark.parametrize("experiment", ["seed", "smoke"])
+def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> None:
+    cfg = compose_config(tmp_path / "data", tmp_path / "run", [f"experiment={experiment}"], tiny=False)
+    validate_config(cfg)
+    if experiment == "seed":
+        assert cfg.data.image_size == 500 and cfg.data.batch_size == 40
+        assert cfg.callbacks.early_stopping.patience == 4 and cfg.model.scheduler.patience == 3
+        assert cfg.model.optimizer.eps == 1e-7
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.image_size=-5", "data.image_size"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.image_size=big", "data.image_size"),
+        ("data.augment.zoom_range=1.5", "data.augment.zoom_range"),
+        ("data.val_fraction=0", "data.val_fraction"),
+        ("model.optimizer.lr=-1", "model.optimizer.lr"),
+        ("evaluation.threshold_rule=magic", "evaluation.threshold_rule"),
+        ("+data.colour=red", "data.colour"),
+        ("+model.net.depth=3", "model.net.depth"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, override: str, key: str) -> None:
+    cfg = compose_config(tmp_path / "data", tmp_path / "run", [override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
+
+
+def run_train(*args: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_cli_rejects_bad_value_without_traceback(tmp_path: Path) -> None:
+    proc = run_train("data.batch_size=0", f"paths.log_dir={tmp_path}", f"data.root={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2
+    assert "data.batch_size: must be an integer >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_key_is_named(tmp_path: Path) -> None:
+    proc = run_train("data.colour=red", f"paths.log_dir={tmp_path}")
+    assert proc.returncode != 0 and "colour" in proc.stderr
+
+
+def test_cli_missing_dataset_says_where_and_how(tmp_path: Path) -> None:
+    proc = run_train(f"paths.log_dir={tmp_path}", f"data.root={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2
+    assert str(tmp_path / "nowhere") in proc.stderr and "xray.data.download" in proc.stderr
+    assert "Traceback" not in proc.stderr
