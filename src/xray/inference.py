@@ -45,6 +45,7 @@ __all__ = [
     "CSV_COLUMNS",
     "EXIT_OK",
     "EXIT_SOME_FAILED",
+    "GradCam",
     "InputError",
     "PredictDataset",
     "PredictionRow",
@@ -52,6 +53,7 @@ __all__ = [
     "collate_separating_failures",
     "collect_inputs",
     "label_metrics",
+    "last_conv2d",
     "predict_files",
     "resolve_device",
     "run_predict",
@@ -147,7 +149,9 @@ def collect_inputs(spec: str | os.PathLike[str]) -> list[Path]:
     if path.suffix.lower() == ".txt":
         paths = _read_list_file(path)
         if not paths:
-            raise InputError(f"input={spec_str}: the list file names no files (blank and # lines are skipped)")
+            raise InputError(
+                f"input={spec_str}: the list file names no files (blank and # lines are skipped)"
+            )
         return paths
     return [path]
 
@@ -249,7 +253,7 @@ def predict_files(
     probs: dict[int, float] = {}
     errors: dict[int, str] = {}
     heatmaps: dict[int, str] = {}
-    cam = _GradCam(net, Path(gradcam_dir)) if gradcam_dir is not None else None
+    cam = GradCam(net, Path(gradcam_dir)) if gradcam_dir is not None else None
     with tqdm(total=len(dataset), desc="Predicting", unit="img", disable=not progress) as bar:
         for images, index, failed in loader:
             errors.update(failed)
@@ -288,15 +292,16 @@ def last_conv2d(net: nn.Module) -> nn.Conv2d:
     return convs[-1]
 
 
-class _GradCam:
+class GradCam:
     """captum LayerGradCam on the last Conv2d, upsampled to the input size, drawn over the image."""
 
-    def __init__(self, net: nn.Module, out_dir: Path) -> None:
+    def __init__(self, net: nn.Module, out_dir: str | os.PathLike[str] | None = None) -> None:
         from captum.attr import LayerGradCam
 
         self.gradcam = LayerGradCam(net, last_conv2d(net))
-        self.out_dir = out_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def maps(self, images: Tensor) -> Tensor:
         """uint8 (B,1,S,S) -> heatmaps (B,S,S) in [0, 1] (ReLU of the map, per-image max scaled)."""
@@ -318,6 +323,8 @@ class _GradCam:
 
         from xray.plots import save_figure
 
+        if self.out_dir is None:
+            raise ValueError("GradCam.write needs an output folder")
         heat = self.maps(images)
         gray = images[:, 0].cpu().numpy()
         written: dict[int, str] = {}
@@ -351,8 +358,9 @@ def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Pa
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for row in rows:
-            writer.writerow([row.path, _fmt(row.prob_pneumonia), row.label or "", f"{row.threshold:.8g}",
-                             row.error or ""])
+            writer.writerow(
+                [row.path, _fmt(row.prob_pneumonia), row.label or "", f"{row.threshold:.8g}", row.error or ""]
+            )
     os.replace(tmp, path)
     return path
 
@@ -376,7 +384,7 @@ def _clip(text: str, width: int, keep_end: bool = True) -> str:
     """Shorten to ``width`` characters: paths keep their end (the file name), messages their start."""
     if len(text) <= width:
         return text
-    return "…" + text[-(width - 1):] if keep_end else text[: width - 1] + "…"
+    return "…" + text[-(width - 1) :] if keep_end else text[: width - 1] + "…"
 
 
 def format_table(rows: Sequence[PredictionRow], show: int) -> Iterator[str]:
@@ -396,6 +404,7 @@ def _fmt_metric(value: Any) -> str:
 # ------------------------------------------------------------------------------------------ entry point
 def _check_settings(cfg: Any) -> None:
     """Reject impossible values before a checkpoint or an image is read."""
+
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -436,8 +445,10 @@ def run_predict(cfg: Any) -> int:
     if cfg.get("input") is None:
         default = Path(str(cfg.data.root)).expanduser() / "test"
         if not default.is_dir():
-            raise InputError(f"no input= given and the default test folder {default} does not exist; "
-                             "pass input=FILE|DIR|GLOB|LIST.txt")
+            raise InputError(
+                f"no input= given and the default test folder {default} does not exist; "
+                "pass input=FILE|DIR|GLOB|LIST.txt"
+            )
         input_spec: str = str(default)
     else:
         input_spec = str(cfg.input)
@@ -447,11 +458,19 @@ def run_predict(cfg: Any) -> int:
     model = load_model(ckpt_path)
     threshold = model.threshold if cfg.get("threshold") is None else float(cfg.threshold)
     source = "checkpoint" if cfg.get("threshold") is None else "threshold="
-    print(f"input: {input_spec} ({len(paths)} files); image size {model.image_size}px "
-          f"({model.interpolation}); device {device}; threshold {threshold:.4f} (from {source})")
+    print(
+        f"input: {input_spec} ({len(paths)} files); image size {model.image_size}px "
+        f"({model.interpolation}); device {device}; threshold {threshold:.4f} (from {source})"
+    )
     rows = predict_files(
-        model, paths, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
-        threshold=threshold, tta=cfg.get("tta"), progress=True,
+        model,
+        paths,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        device=device,
+        threshold=threshold,
+        tta=cfg.get("tta"),
+        progress=True,
         gradcam_dir=csv_path.parent / "gradcam" if cfg.get("gradcam") else None,
     )
     write_csv(rows, csv_path)
@@ -477,6 +496,8 @@ def run_predict(cfg: Any) -> int:
     if cfg.get("gradcam"):
         print(f"grad-cam overlays: {csv_path.parent / 'gradcam'}")
     if n_failed:
-        log.warning("%d of %d files could not be read; see the error column of %s", n_failed, len(rows), csv_path)
+        log.warning(
+            "%d of %d files could not be read; see the error column of %s", n_failed, len(rows), csv_path
+        )
         return EXIT_SOME_FAILED
     return EXIT_OK
