@@ -58,3 +58,32 @@ def run_training(data_root: Path, run_dir: Path, overrides: list[str] | None = N
 
     cfg = compose_config(data_root, run_dir, overrides)
     return train(cfg)
+
+
+class SlowDown:
+    """Test-only Lightning callback: sleeps after each training batch so a test can kill mid-epoch."""
+
+    def __new__(cls, seconds: float = 0.2):
+        import time
+
+        from lightning import Callback
+
+        class _Slow(Callback):
+            def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+                time.sleep(seconds)
+
+        return _Slow()
+
+
+class PoisonWeightsAt:
+    """Test-only callback: fills the output bias with NaN at the start of a given epoch."""
+
+    def __new__(cls, epoch: int = 1):
+        from lightning import Callback
+
+        class _Poison(Callback):
+            def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+                if trainer.current_epoch == epoch:
+                    pl_module.net.classifier[-1].bias.data.fill_(float("nan"))
+
+        return _Poison()

@@ -25,6 +25,10 @@ CHECKPOINT_KEY = "xray"
 CHECKPOINT_FORMAT = 1
 
 
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; the message names the epoch and step."""
 
@@ -220,6 +224,10 @@ class XRayClassifier(LightningModule):
             "threshold": float(self.threshold),
             "threshold_rule": self.threshold_rule,
             "tta": bool(self.hparams.tta),
+            # Lightning saves before the epoch's scheduler step and skips that step on resume
+            "monitor_value": _float_or_none(self.trainer.callback_metrics.get(self.hparams.scheduler_monitor))
+            if self._trainer is not None
+            else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -227,3 +235,18 @@ class XRayClassifier(LightningModule):
         self.threshold = float(meta.get("threshold", self.threshold))
         self.threshold_rule = meta.get("threshold_rule", self.threshold_rule)
         self.preprocessing = dict(meta.get("preprocessing", self.preprocessing))
+        self._resumed_monitor_value = meta.get("monitor_value")
+
+    def on_train_start(self) -> None:
+        """Replay the epoch-level scheduler step that a resumed run would otherwise lose."""
+        value = getattr(self, "_resumed_monitor_value", None)
+        self._resumed_monitor_value = None
+        if value is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if config.interval == "epoch" and scheduler.last_epoch < self.trainer.current_epoch:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(value)
+                else:
+                    scheduler.step()
