@@ -24,6 +24,13 @@ def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> No
         assert cfg.model.optimizer.eps == 1e-7
 
 
+def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path / "d", tmp_path / "run", ["data=pneumoniamnist", "data.size=128"], tiny=False)
+    validate_config(cfg)
+    assert cfg.data.root.endswith("pneumoniamnist_128") and cfg.data.image_size == 128
+    assert cfg.data.source == "pneumoniamnist" and cfg.data.val_source == "official"
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [

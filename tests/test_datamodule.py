@@ -159,3 +159,10 @@ def test_missing_dataset_stops_at_once(tmp_path: Path) -> None:
 def test_bad_arguments_rejected_before_reading(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         XRayDataModule(root=str(tmp_path / "nowhere"), **kwargs)
+
+
+def test_download_settings_reach_the_one_download_path(tmp_path: Path) -> None:
+    dm = XRayDataModule(root=str(tmp_path / "pm"), source="pneumoniamnist", size=64, download=True)
+    with mock.patch("xray.data.download.ensure_dataset") as ensure:
+        dm.prepare_data()
+    ensure.assert_called_once_with(tmp_path / "pm", source="pneumoniamnist", size=64, download=True)

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from PIL import Image
 
 from tests.conftest import PROJECT_ROOT
 from tests.odd_files import (
@@ -85,6 +86,17 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
+def png(path: Path) -> Path:
+    """A small readable PNG at ``path`` (parent folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_png(path, gradient_image())
+
+
+def dcm(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_dicom(path, gradient_image().astype(np.uint16))
+
+
 def copy_images(src: Path, dst: Path, n: int) -> list[Path]:
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(src.glob("*.jpeg"))[:n]
@@ -95,7 +107,7 @@ def save_malicious_checkpoint(path: Path, marker: Path) -> None:
     """A checkpoint that looks like ours but whose unpickling would run a shell command."""
 
     class Payload:
-        def __reduce__(self):  # noqa: D105 - unpickling calls os.system("touch MARKER")
+        def __reduce__(self):  # unpickling this object calls os.system("touch MARKER")
             return (os.system, (f"touch '{marker}'",))
 
     torch.save({"state_dict": {}, "xray": {"net": {"name": "SeedCNN"}, "payload": Payload()}}, path)
@@ -184,22 +196,22 @@ def test_ckpt_best_without_training_runs(few_images: Path, tmp_path: Path, capsy
 # ------------------------------------------------------------------------------------------- input forms
 def test_input_folder_is_recursive_and_ignores_other_extensions(tmp_path: Path) -> None:
     root = tmp_path / "in"
-    a = write_png(root / "a.png", gradient_image())
-    b = write_dicom(root / "sub" / "deeper" / "b.DCM", gradient_image().astype(np.uint16))
+    a = png(root / "a.png")
+    b = dcm(root / "sub" / "deeper" / "b.DCM")
     (root / "notes.txt").write_text("not an image")
-    write_png(root / "sub" / "image.xyz", gradient_image())
-    write_png(root / ".hidden.png", gradient_image())
+    png(root / "sub" / "image.xyz")
+    png(root / ".hidden.png")
     assert collect_inputs(root) == [a, b]
 
 
 def test_input_single_file_of_any_extension_is_attempted(tmp_path: Path) -> None:
-    odd = write_png(tmp_path / "scan.xyz", gradient_image())
+    odd = png(tmp_path / "scan.xyz")
     assert collect_inputs(odd) == [odd]
 
 
 def test_input_glob(tmp_path: Path) -> None:
-    pngs = [write_png(tmp_path / f"{i}.png", gradient_image()) for i in range(3)]
-    write_dicom(tmp_path / "x.dcm", gradient_image().astype(np.uint16))
+    pngs = [png(tmp_path / f"{i}.png") for i in range(3)]
+    dcm(tmp_path / "x.dcm")
     assert collect_inputs(f"{tmp_path}/*.png") == pngs
     assert len(collect_inputs(f"{tmp_path}/**/*")) == 4
     with pytest.raises(InputError, match=r"the pattern matches no files"):
@@ -207,11 +219,11 @@ def test_input_glob(tmp_path: Path) -> None:
 
 
 def test_input_list_file(tmp_path: Path) -> None:
-    rel = write_png(tmp_path / "lists" / "imgs" / "rel.png", gradient_image())
-    absolute = write_png(tmp_path / "abs.png", gradient_image())
-    odd = write_png(tmp_path / "lists" / "odd.xyz", gradient_image())
+    rel = png(tmp_path / "lists" / "imgs" / "rel.png")
+    absolute = png(tmp_path / "abs.png")
+    odd = png(tmp_path / "lists" / "odd.xyz")
     folder = tmp_path / "lists" / "folder"
-    inside = write_png(folder / "in.png", gradient_image())
+    inside = png(folder / "in.png")
     listing = tmp_path / "lists" / "files.txt"
     listing.write_text(
         f"# a comment\n\nimgs/rel.png\n   {absolute}   \nodd.xyz\nmissing.png\nfolder\n\r\n# end\n"
@@ -224,10 +236,10 @@ def test_input_list_file(tmp_path: Path) -> None:
 
 
 def test_list_file_rows_predicted_or_failed_in_order(best_ckpt: Path, tmp_path: Path, capsys) -> None:
-    good = write_png(tmp_path / "good.png", gradient_image())
+    good = png(tmp_path / "good.png")
     listing = tmp_path / "list.txt"
     listing.write_text("good.png\nmissing.png\nodd.xyz\n")
-    write_png(tmp_path / "odd.xyz", gradient_image())
+    png(tmp_path / "odd.xyz")
     cfg = predict_config(tmp_path / "out", [f"ckpt={best_ckpt}", f"input={listing}"])
     assert run_predict(cfg) == EXIT_SOME_FAILED
     _, rows = read_csv(tmp_path / "out" / "preds.csv")
@@ -365,7 +377,6 @@ def test_bad_settings_exit_2(
 def test_valid_formats_all_predicted_exit_0(best_ckpt: Path, tmp_path: Path) -> None:
     folder = tmp_path / "formats"
     files = make_valid_files(folder)
-    Image = pytest.importorskip("PIL.Image")
     Image.fromarray(gradient_image()).save(folder / "gray.bmp")
     Image.fromarray(gradient_image()).save(folder / "gray.tif")
     assert run_cli(tmp_path / "out", [f"ckpt={best_ckpt}", f"input={folder}"]) == EXIT_OK
@@ -398,9 +409,8 @@ def test_workers_keep_order_and_isolate_failures(best_ckpt: Path, mixed_folder: 
 
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == (
-        "cuda" if torch.cuda.is_available() else resolve_device("auto").type
-    )
+    expected = {"cuda"} if torch.cuda.is_available() else {"cpu", "mps"}
+    assert resolve_device("auto").type in expected
     with pytest.raises(ConfigError):
         resolve_device("definitely-not-a-device")
 
@@ -439,18 +449,46 @@ def test_malicious_checkpoint_is_refused_and_never_runs(few_images: Path, tmp_pa
     assert not (tmp_path / "out" / "preds.csv").exists()
 
 
+def test_checkpoint_cannot_make_the_loader_download(monkeypatch, tmp_path: Path) -> None:
+    """A crafted ``pretrained: true`` in the stored net config must not trigger a weights download."""
+    from xray.models import TorchvisionNet
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("load_model tried to download weights")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", no_download)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", no_download)
+    net = TorchvisionNet("resnet18")
+    path = tmp_path / "crafted.ckpt"
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save(
+        {
+            "state_dict": state,
+            "xray": {"net": {**net.config, "pretrained": True}, "preprocessing": {"image_size": 32}},
+        },
+        path,
+    )
+    loaded = load_model(path)
+    assert isinstance(loaded.net, TorchvisionNet)
+
+
 # ------------------------------------------------------------------------------------------- consistency
-def _sharpened(best_ckpt: Path, path: Path) -> Path:
-    """The trained weights with a random, larger output layer: probabilities spread over (0, 1), so a
-    preprocessing difference cannot hide behind a nearly constant output."""
+def _sharpened(best_ckpt: Path, images: Path, path: Path) -> Path:
+    """The trained weights with the output layer rescaled so that the logits on ``images`` spread over
+    about -4..4: probabilities then cover most of (0, 1), so a preprocessing difference cannot hide
+    behind the nearly constant output of a briefly trained model."""
+    rows = predict_files(load_model(best_ckpt), collect_inputs(images), device="cpu")
+    logits = torch.logit(torch.tensor([r.prob_pneumonia for r in rows], dtype=torch.float64))
+    scale = 8.0 / float(logits.max() - logits.min())
+    center = float(logits.median())
     checkpoint = load_checkpoint_file(best_ckpt)
     state = checkpoint["state_dict"]
-    weight_key = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2][-1]
-    generator = torch.Generator().manual_seed(0)
-    state[weight_key] = torch.randn(state[weight_key].shape, generator=generator) * 8.0
-    state[weight_key.replace("weight", "bias")] = torch.full_like(
-        state[weight_key.replace("weight", "bias")], -2.0
-    )
+    weight = [k for k, v in state.items() if k.startswith("net.") and k.endswith("weight") and v.ndim == 2][
+        -1
+    ]
+    bias = weight.removesuffix("weight") + "bias"
+    state[weight] = state[weight] * scale
+    state[bias] = (state[bias] - center) * scale
     torch.save(checkpoint, path)
     return path
 
@@ -465,7 +503,11 @@ def test_predictions_equal_training_code_outputs(
 
     from tests.helpers import compose_config
 
-    ckpt = best_ckpt if variant == "trained" else _sharpened(best_ckpt, tmp_path / "sharp.ckpt")
+    ckpt = (
+        best_ckpt
+        if variant == "trained"
+        else _sharpened(best_ckpt, session_dataset / "test", tmp_path / "sharp.ckpt")
+    )
     cfg = compose_config(session_dataset, tmp_path / "run", [f"model.tta={tta}"])
     datamodule = hydra.utils.instantiate(cfg.data)
     lit = hydra.utils.instantiate(cfg.model)
@@ -492,7 +534,11 @@ def test_predictions_equal_training_code_outputs(
     print(f"consistency {variant} tta={tta}: max |predict - training| = {diff:.3e}")
     assert diff < 1e-5
     if variant == "sharpened":
-        assert max(got.values()) - min(got.values()) > 0.2  # the check above is a sensitive one
+        # the check above is a sensitive one: the probabilities spread, and the wrong resize filter shows
+        assert max(got.values()) - min(got.values()) > 0.5
+        model.meta["preprocessing"]["interpolation"] = "nearest"
+        wrong = predict_files(model, list(got), device="cpu", tta=tta)
+        assert max(abs(r.prob_pneumonia - expected[r.path]) for r in wrong) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- grad-cam

@@ -123,7 +123,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedMode
     if not meta.get("preprocessing", {}).get("image_size"):
         raise CheckpointError(f"{path}: checkpoint has no preprocessing settings (image size)")
     try:
-        net = build_net(meta["net"])
+        net = build_net({**meta["net"], "pretrained": False} if "pretrained" in meta["net"] else meta["net"])
         state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
         state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
         net.load_state_dict(state)

@@ -235,6 +235,8 @@ def predict_files(
     ``threshold``/``tta`` default to the checkpoint's. ``gradcam_dir``: also write one Grad-CAM
     overlay PNG per readable image there (of the plain network, also when TTA is on).
     """
+    if batch_size < 1 or num_workers < 0:
+        raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
     threshold = model.threshold if threshold is None else float(threshold)
     tta = bool(model.meta.get("tta", False)) if tta is None else bool(tta)
     target = resolve_device(device)

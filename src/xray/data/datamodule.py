@@ -127,6 +127,7 @@ class XRayDataModule(LightningDataModule):
         cache_dir: str | None = None,
         download: bool = False,
         source: str = "kermany",
+        size: int = 224,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
@@ -159,6 +160,7 @@ class XRayDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root.parent / ".xray_cache"
         self.download = download
         self.source = source
+        self.size = int(size)
         self.pin_memory = pin_memory
         self.records: dict[str, list[Record]] = {}
         self.datasets: dict[str, XRayDataset] = {}
@@ -187,7 +189,7 @@ class XRayDataModule(LightningDataModule):
         """Fail at once, saying where we looked, when no dataset is at ``root`` (download if asked)."""
         from xray.data.download import ensure_dataset
 
-        ensure_dataset(self.root, source=self.source, download=self.download)
+        ensure_dataset(self.root, source=self.source, size=self.size, download=self.download)
 
     def prepare_data(self) -> None:
         self.check_dataset()
