@@ -27,7 +27,10 @@ def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> No
 def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path / "d", tmp_path / "run", ["data=pneumoniamnist", "data.size=128"], tiny=False)
     validate_config(cfg)
-    assert cfg.data.root.endswith("pneumoniamnist_128") and cfg.data.image_size == 128
+    assert cfg.data.image_size == 128
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(PROJECT_ROOT / "conf/data/pneumoniamnist.yaml").root.endswith("pneumoniamnist_${data.size}")
     assert cfg.data.source == "pneumoniamnist" and cfg.data.val_source == "official"
 
 
