@@ -30,7 +30,8 @@ def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
     assert cfg.data.image_size == 128
     from omegaconf import OmegaConf
 
-    assert OmegaConf.load(PROJECT_ROOT / "conf/data/pneumoniamnist.yaml").root.endswith("pneumoniamnist_${data.size}")
+    raw = OmegaConf.load(PROJECT_ROOT / "conf/data/pneumoniamnist.yaml")
+    assert OmegaConf.to_container(raw)["root"].endswith("pneumoniamnist_${data.size}")
     assert cfg.data.source == "pneumoniamnist" and cfg.data.val_source == "official"
 
 
