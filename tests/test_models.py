@@ -116,3 +116,10 @@ def test_invalid_module_options() -> None:
         make_module(label_smoothing=1.5)
     with pytest.raises(ValueError, match="pos_weight"):
         make_module(pos_weight="sometimes")
+
+
+def test_build_net_refuses_absurd_sizes() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        build_net({"name": "SeedCNN", "image_size": 10**6})
+    with pytest.raises(ValueError, match="out of range"):
+        build_net({"name": "SeedCNN", "image_size": 64, "channels": [8] * 100})

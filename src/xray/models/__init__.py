@@ -9,6 +9,8 @@ from torch import nn
 from xray.models.backbones import TorchvisionNet
 from xray.models.seed_cnn import SeedCNN
 
+MAX_INT, MAX_LIST = 4096, 16
+
 NETS: dict[str, type[nn.Module]] = {"SeedCNN": SeedCNN, "TorchvisionNet": TorchvisionNet}
 
 
@@ -18,6 +20,10 @@ def build_net(config: dict[str, Any]) -> nn.Module:
     name = config.pop("name", None)
     if name not in NETS:
         raise ValueError(f"unknown network {name!r} in checkpoint; known: {sorted(NETS)}")
+    for key, value in config.items():  # a crafted config must not make us allocate gigabytes
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > MAX_LIST or any(isinstance(v, int) and not 0 <= v <= MAX_INT for v in values):
+            raise ValueError(f"network setting {key}={value!r} is out of range")
     return NETS[name](**config)
 
 
