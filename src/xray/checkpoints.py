@@ -179,3 +179,25 @@ def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "lo
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     return path
+
+
+def export_for_inference(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False) -> Path:
+    """A slim copy of a checkpoint for shipping: weights and the xray section, no optimizer state.
+
+    ``half=True`` stores floating weights in float16 (the loader casts them back to float32).
+    """
+    checkpoint = load_checkpoint_file(src)
+    if CHECKPOINT_KEY not in checkpoint:
+        raise CheckpointError(f"{src}: not an xray checkpoint (no '{CHECKPOINT_KEY}' section)")
+    state = checkpoint["state_dict"]
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    slim = {
+        "state_dict": state,
+        CHECKPOINT_KEY: checkpoint[CHECKPOINT_KEY],
+        "epoch": checkpoint.get("epoch"),
+        "global_step": checkpoint.get("global_step"),
+        "pytorch-lightning_version": checkpoint.get("pytorch-lightning_version"),
+    }
+    atomic_torch_save(slim, dst)
+    return Path(dst)
