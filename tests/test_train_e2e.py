@@ -37,7 +37,15 @@ def test_tensorboard_has_the_curves(trained_run: Path) -> None:
         acc = EventAccumulator(str(event))
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/auroc"):
+    for tag in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/auroc",
+        "val/sensitivity",
+        "val/specificity",
+    ):
         assert tag in tags, tags
 
 

@@ -173,6 +173,34 @@ class XRayClassifier(LightningModule):
     def on_test_epoch_start(self) -> None:
         self._reset_collected()
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_clinical("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_clinical("test")
+
+    def _log_clinical(self, prefix: str) -> None:
+        """Sensitivity, specificity, PPV, NPV, F1, AP, Brier, ECE at the current threshold, per epoch."""
+        from xray.evaluation import classification_metrics
+
+        probs, labels, _ = self.collected()
+        if probs.numel() == 0 or self.trainer.sanity_checking:
+            return
+        metrics = classification_metrics(probs, labels, self.threshold)
+        keys = (
+            "sensitivity",
+            "specificity",
+            "ppv",
+            "npv",
+            "f1",
+            "balanced_accuracy",
+            "average_precision",
+            "brier",
+            "ece",
+        )
+        values = {f"{prefix}/{k}": float(metrics[k]) for k in keys if metrics[k] == metrics[k]}  # skip nan
+        self.log_dict(values, on_epoch=True, rank_zero_only=True)
+
     def _reset_collected(self) -> None:
         for metric in (self.eval_probs, self.eval_labels, self.eval_index):
             metric.reset()
