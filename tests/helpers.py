@@ -28,21 +28,13 @@ TINY = [
 ]
 
 
-def compose_config(
-    data_root: Path, run_dir: Path, overrides: list[str] | None = None, tiny: bool = True
-) -> Any:
-    """The train config with tiny settings, writing into ``run_dir`` (Hydra runtime set up too)."""
+def compose_hydra(config_name: str, run_dir: Path, overrides: list[str]) -> Any:
+    """A config of conf/ composed as its entry point sees it, with Hydra's runtime output dir set."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose(
-            config_name="config",
-            overrides=[
-                f"data.root={data_root}",
-                f"paths.cache_dir={run_dir.parent / 'cache'}",
-                f"hydra.run.dir={run_dir}",
-                *(TINY if tiny else []),
-                *(overrides or []),
-            ],
+            config_name=config_name,
+            overrides=[f"hydra.run.dir={run_dir}", *overrides],
             return_hydra_config=True,
         )
     with open_dict(cfg):
@@ -51,6 +43,22 @@ def compose_config(
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def compose_config(
+    data_root: Path, run_dir: Path, overrides: list[str] | None = None, tiny: bool = True
+) -> Any:
+    """The train config with tiny settings, writing into ``run_dir``."""
+    return compose_hydra(
+        "config",
+        run_dir,
+        [
+            f"data.root={data_root}",
+            f"paths.cache_dir={run_dir.parent / 'cache'}",
+            *(TINY if tiny else []),
+            *(overrides or []),
+        ],
+    )
 
 
 def run_training(data_root: Path, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -16,13 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
 
 from tests.conftest import PROJECT_ROOT
+from tests.helpers import compose_hydra
 from tests.odd_files import (
     ODD_REASONS,
     gradient_image,
@@ -56,19 +53,7 @@ ODD_IN_FOLDER = {"zero_byte", "truncated_jpeg", "text_as_png", "bomb_png", "dico
 # ---------------------------------------------------------------------------------------------- helpers
 def predict_config(out_dir: Path, overrides: list[str]) -> Any:
     """conf/predict.yaml composed as predict.py would see it, writing into ``out_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="predict",
-            overrides=[f"hydra.run.dir={out_dir}", "num_workers=0", *overrides],
-            return_hydra_config=True,
-        )
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_hydra("predict", out_dir, ["num_workers=0", *overrides])
 
 
 def run_cli(out_dir: Path, overrides: list[str]) -> int:

@@ -236,16 +236,17 @@ def test_skip_bad_images_trains_an_epoch_on_the_rest(tmp_path: Path) -> None:
     assert dm_paths["val"]["at_0.5"]["n"] > 0
 
 
+def _sources(*extra_dirs: str) -> list[Path]:
+    """The project's Python files (package, entry points, and any extra folders)."""
+    paths = [*(PROJECT_ROOT / "src").rglob("*.py"), PROJECT_ROOT / "train.py", PROJECT_ROOT / "predict.py"]
+    for folder in extra_dirs:
+        paths += (PROJECT_ROOT / folder).rglob("*.py")
+    return [p for p in paths if p.exists()]
+
+
 def test_every_checkpoint_load_is_weights_only() -> None:
     offenders = []
-    for path in [
-        *(PROJECT_ROOT / "src").rglob("*.py"),
-        PROJECT_ROOT / "train.py",
-        PROJECT_ROOT / "predict.py",
-        *(PROJECT_ROOT / "benchmarks").rglob("*.py"),
-    ]:
-        if not path.exists():
-            continue
+    for path in _sources("benchmarks"):
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)
@@ -262,13 +263,7 @@ def test_every_checkpoint_load_is_weights_only() -> None:
 
 def test_no_shell_is_ever_used() -> None:
     offenders = []
-    for path in [
-        *(PROJECT_ROOT / "src").rglob("*.py"),
-        PROJECT_ROOT / "train.py",
-        PROJECT_ROOT / "predict.py",
-    ]:
-        if not path.exists():
-            continue
+    for path in _sources():
         text = path.read_text()
         for needle in ("shell=True", "os.system(", "os.popen(", "subprocess."):
             if needle in text:
