@@ -50,7 +50,7 @@ def write_plots(
     if "val" in splits and mistakes > 0:
         probs, labels, index = splits["val"]
         wrong = torch.nonzero((probs >= threshold).long() != labels).reshape(-1)
-        order = wrong[torch.argsort((probs[wrong] - labels[wrong].float()).abs(), descending=True)][:mistakes]
+        order = wrong  # all of them, so the figure can say how many there are; it shows the top k
         if order.numel() == 0:  # the figure then says there were no mistakes
             order = torch.arange(probs.numel())
             images = torch.zeros(probs.numel(), 1, 8, 8, dtype=torch.uint8)
