@@ -290,12 +290,20 @@ def keras_augment_batch(images: torch.Tensor, params: KerasAugmentParams) -> tor
         raise ValueError(f"params hold {len(params)} samples but the batch has {images.shape[0]}")
     params = params.to(images.device)
     h, w = images.shape[-2:]
-    out = apply_affine(images, params.matrices(h, w))
-    hflip = params.hflip.reshape(-1, 1, 1, 1)
-    vflip = params.vflip.reshape(-1, 1, 1, 1)
-    # Unconditional torch.where (no `if mask.any()`): avoids a host-device sync per batch on CUDA.
-    out = torch.where(hflip, out.flip(-1), out)
-    return torch.where(vflip, out.flip(-2), out)
+    return apply_affine(images, params.matrices(h, w) @ _flip_matrices(params.hflip, params.vflip, h, w))
+
+
+def _flip_matrices(hflip: torch.Tensor, vflip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Flips after the affine, folded into it: flipping the output grid (x -> W-1-x, y -> H-1-y) is
+    exactly the same resampling as flipping the resampled image, without two extra passes over it."""
+    dtype = _matrix_dtype(hflip.device)
+    sx = 1.0 - 2.0 * hflip.to(dtype).reshape(-1)
+    sy = 1.0 - 2.0 * vflip.to(dtype).reshape(-1)
+    flips = torch.zeros(sx.shape[0], 3, 3, dtype=dtype, device=hflip.device)
+    flips[:, 0, 0], flips[:, 0, 2] = sx, (1.0 - sx) / 2.0 * (width - 1)
+    flips[:, 1, 1], flips[:, 1, 2] = sy, (1.0 - sy) / 2.0 * (height - 1)
+    flips[:, 2, 2] = 1.0
+    return flips
 
 
 def _uniform(
