@@ -52,7 +52,12 @@ def test_cached_equals_uncached(dataset_root: Path, tmp_path: Path) -> None:
     for split in ("train", "val", "test"):
         a, b = cached.datasets[split], plain.datasets[split]
         assert [r.path for r in a.records] == [r.path for r in b.records]
-        batch_a = torch.stack([x for x, _, _ in a.__getitems__(list(range(len(a))))])
+        batch_a, labels_a, index_a = a.__getitems__(list(range(len(a)))[::-1])
+        batch_a, labels_a = (
+            batch_a.flip(0),
+            labels_a.flip(0),
+        )  # asked in reverse order: rows come back in that order
+        assert torch.equal(labels_a, a.labels) and torch.equal(index_a, torch.arange(len(a)).flip(0))
         batch_b = torch.stack([b[i][0] for i in range(len(b))])
         assert torch.equal(batch_a, batch_b)
 

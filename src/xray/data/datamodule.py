@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+    default_collate,
+)
 
 from xray.constants import CLASSES
 from xray.data.cache import DecodedCache, build_cache, load_resized
@@ -40,6 +47,17 @@ DEFAULT_AUGMENT: dict[str, Any] = {
 
 class BadImagesError(ValueError):
     """Unreadable files found at setup; the message lists every one with its reason."""
+
+
+class PreCollated(tuple):
+    """A batch that a dataset's ``__getitems__`` already collated: (images, labels, indices)."""
+
+
+def collate_batches(items: Any) -> Any:
+    """DataLoader collate: pre-collated batches pass through, lists of samples are stacked."""
+    if isinstance(items, PreCollated):
+        return tuple(items)
+    return default_collate(items)
 
 
 class XRayDataset(Dataset):
@@ -86,18 +104,20 @@ class XRayDataset(Dataset):
             image = self.sample_transform(image)
         return image, self.labels[index], index
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Batched read: one fancy-indexed read of the memory map instead of a read per image."""
+    def __getitems__(self, indices: list[int]) -> Any:
+        """Batched read: one fancy-indexed read of the memory map, returned already collated.
+
+        The batch is built in NumPy from that one read (no per-image tensors to stack), so a cached
+        batch costs one memory copy; ``collate_batches`` passes it through unchanged.
+        """
         if self.cache is None or self.sample_transform is not None:
             return [self[i] for i in indices]
         rows = self.cache_rows[indices]
-        order = np.argsort(rows)
-        block = self._cached()[rows[order]]
-        images = torch.from_numpy(np.ascontiguousarray(block)).unsqueeze(1)
-        out: list[Any] = [None] * len(indices)
-        for pos, k in enumerate(order):
-            out[k] = (images[pos], self.labels[indices[k]], indices[k])
-        return out
+        order = np.argsort(rows, kind="stable")
+        block = np.empty((len(indices), 1, self.image_size, self.image_size), dtype=np.uint8)
+        block[order, 0] = self._cached()[rows[order]]
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return PreCollated((torch.from_numpy(block), self.labels[index], index))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -284,6 +304,7 @@ class XRayDataModule(LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=workers,
+            collate_fn=collate_batches,
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
         )
