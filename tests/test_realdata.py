@@ -24,13 +24,15 @@ SMALL_REAL = [
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_learns_on_real_xrays(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_learns_on_real_xrays(tmp_path: Path, precision: str) -> None:
+    """Default settings (channels_last, fp32) and the bf16 fast path both learn."""
     run_dir = tmp_path / "real"
-    run_training(REAL_DATA, run_dir, SMALL_REAL)
+    run_training(REAL_DATA, run_dir, [*SMALL_REAL, f"trainer.precision={precision}"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     val = metrics["val"]["at_threshold"]
     print(
-        f"real-data val: n={val['n']} auroc={val['auroc']:.4f} acc={val['accuracy']:.4f} "
+        f"real-data val ({precision}): n={val['n']} auroc={val['auroc']:.4f} acc={val['accuracy']:.4f} "
         f"sens={val['sensitivity']:.4f} spec={val['specificity']:.4f}"
     )
     assert val["n"] == 526  # the whole patient-grouped validation split, never the test split
