@@ -95,3 +95,20 @@ class PoisonWeightsAt:
                     pl_module.net.classifier[-1].bias.data.fill_(float("nan"))
 
         return _Poison()
+
+
+def run_script(script: str, args: list[str], cwd: Path = PROJECT_ROOT, timeout: int = 300):
+    """Run train.py / predict.py as a user would (a fresh process); returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from tests.helpers import compose_config
+from tests.helpers import compose_config, run_script
 from xray.config_checks import ConfigError, validate_config
 
 
@@ -25,7 +23,9 @@ def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> No
 
 
 def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
-    cfg = compose_config(tmp_path / "d", tmp_path / "run", ["data=pneumoniamnist", "data.size=128"], tiny=False)
+    cfg = compose_config(
+        tmp_path / "d", tmp_path / "run", ["data=pneumoniamnist", "data.size=128"], tiny=False
+    )
     validate_config(cfg)
     assert cfg.data.image_size == 128
     from omegaconf import OmegaConf
@@ -56,15 +56,7 @@ def test_bad_values_name_the_key(tmp_path: Path, override: str, key: str) -> Non
 
 
 def run_train(*args: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return run_script("train.py", list(args), cwd=cwd, timeout=180)
 
 
 def test_cli_rejects_bad_value_without_traceback(tmp_path: Path) -> None:

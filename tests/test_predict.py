@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import PROJECT_ROOT
-from tests.helpers import compose_hydra
+from tests.helpers import compose_hydra, run_script
 from tests.odd_files import (
     ODD_REASONS,
     gradient_image,
@@ -552,15 +550,7 @@ def test_gradcam_maps_are_normalised_heatmaps(best_ckpt: Path) -> None:
 
 # ---------------------------------------------------------------------------------- predict.py process
 def _run_predict_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")}
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "predict.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script("predict.py", args, cwd=cwd)
 
 
 def test_predict_py_end_to_end_exit_3(trained_run: Path, mixed_folder: Path, tmp_path: Path) -> None:
