@@ -37,6 +37,7 @@ from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
 from xray.data.cache import load_resized
 from xray.data.io import ImageReadError
 from xray.module import flip_tta_logits
+from xray.runtime import keep_freed_memory
 from xray.transforms import rescale
 
 log = logging.getLogger(__name__)
@@ -442,6 +443,7 @@ def run_predict(cfg: Any) -> int:
     (exit code 2 through ``fail_cleanly``) when there is nothing sensible to do.
     """
     _check_settings(cfg)
+    keep_freed_memory()
     ckpt_path = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
     print(f"checkpoint: {ckpt_path}")
     if cfg.get("input") is None:

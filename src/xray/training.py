@@ -18,6 +18,7 @@ from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
 from xray.config_checks import validate_config
 from xray.evaluation import choose_threshold, evaluate, write_metrics_json, write_report
 from xray.reporting import write_plots
+from xray.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def instantiate_list(section: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the metrics written to metrics.json."""
     validate_config(cfg)
+    if cfg.get("keep_freed_memory", False):
+        keep_freed_memory()
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
     L.seed_everything(cfg.seed, workers=True)
