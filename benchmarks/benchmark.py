@@ -37,11 +37,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from xray.runtime import keep_freed_memory  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FULLRES = PROJECT_ROOT.parent / "shared" / "data" / "chest_xray_fullres_sample"
@@ -99,31 +103,60 @@ def warm_file_cache(paths: Iterable[str | Path]) -> None:
                 pass
 
 
-def others_cpu_pct(interval: float = 0.5) -> float | None:
-    """Percent of all CPUs that OTHER processes kept busy during ``interval`` s (``/proc/stat``).
+class OthersCpu:
+    """Share of all CPUs that OTHER processes used between ``start()`` and ``stop()`` (``/proc/stat``).
 
-    This process's own CPU time in the interval (e.g. OpenMP threads still spinning after a parallel
-    region) is subtracted, so the figure is the load left by other users of the machine.
+    This process's own CPU time and that of its finished children (measurement subprocesses and their
+    DataLoader workers) are subtracted, so the figure is the load left by other users of the machine.
     """
 
-    def sample() -> tuple[float, float, float]:
+    def _sample(self) -> tuple[float, float, float]:
         fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         own = resource.getrusage(resource.RUSAGE_SELF)
-        return float(sum(fields[:8])), float(idle), own.ru_utime + own.ru_stime
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        mine = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+        return float(sum(fields[:8])), float(idle), mine * float(os.sysconf("SC_CLK_TCK"))
 
-    try:
-        tick = float(os.sysconf("SC_CLK_TCK"))
-        total0, idle0, own0 = sample()
-        time.sleep(interval)
-        total1, idle1, own1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    total = total1 - total0
-    if total <= 0:
-        return None
-    busy = total - (idle1 - idle0) - (own1 - own0) * tick
-    return float(round(max(0.0, min(100.0, 100.0 * busy / total))))
+    def start(self) -> OthersCpu:
+        try:
+            self._start: tuple[float, float, float] | None = self._sample()
+        except (OSError, ValueError, IndexError):
+            self._start = None
+        return self
+
+    def stop(self) -> float | None:
+        """Percent of all CPUs busy with other processes since ``start()``; None where unknown."""
+        if self._start is None:
+            return None
+        try:
+            total1, idle1, mine1 = self._sample()
+        except (OSError, ValueError, IndexError):
+            return None
+        total0, idle0, mine0 = self._start
+        total = total1 - total0
+        if total <= 0:
+            return None
+        busy = total - (idle1 - idle0) - (mine1 - mine0)
+        return float(round(max(0.0, min(100.0, 100.0 * busy / total))))
+
+
+def others_cpu_pct(interval: float = 0.5) -> float | None:
+    """Percent of all CPUs that other processes keep busy during ``interval`` s from now."""
+    probe = OthersCpu().start()
+    time.sleep(interval)
+    return probe.stop()
+
+
+def wait_quiet(max_wait: float, threshold: float = 15.0, needed: int = 3) -> float | None:
+    """Wait up to ``max_wait`` s until other processes use < ``threshold`` % CPU in ``needed`` 2 s samples
+    in a row; returns the last sample (the machine is shared: a busy one halves every figure)."""
+    deadline = time.monotonic() + max_wait
+    quiet, busy = 0, None
+    while quiet < needed and time.monotonic() < deadline:
+        busy = others_cpu_pct(2.0)
+        quiet = quiet + 1 if busy is not None and busy < threshold else 0
+    return busy
 
 
 def machine_info() -> dict[str, Any]:
@@ -198,49 +231,54 @@ def _augment() -> dict[str, Any]:
     return dict(DEFAULT_AUGMENT)
 
 
-def bench_data_naive(
-    fullres_dir: str,
-    image_size: int,
-    n_images: int,
-    batch_size: int = 40,
-    num_workers: int = 2,
-    interpolation: str = "bilinear",
-) -> list[Row]:
-    """Per-sample decode + resize + ``KerasRandomAffine`` + rescale in DataLoader workers (the baseline).
+class RssSampler:
+    """Peak resident set size per label, sampled from ``/proc/self/statm`` by a background thread.
 
-    The ``XRayDataset`` eval preset (``read_image`` + ``resize_image``) with the training preset
-    ``train_transform`` (Keras affine, then ``Rescale``) applied to each sample in the workers. The image
-    count is rounded up to whole batches per worker so that no worker idles at the end of the epoch;
-    the time runs from creating the iterator (worker start-up included, ~0.1 s) to the last batch.
+    Several variants share one process (so that they can be interleaved); ``track(label)`` attributes
+    the RSS seen while it is active to ``label``. Falls back to ``ru_maxrss`` where ``/proc`` is missing.
     """
-    import torch
-    from torch.utils.data import DataLoader
 
-    from xray.data.datamodule import XRayDataset
-    from xray.data.records import scan_split
-    from xray.transforms import train_transform
+    def __init__(self, period: float = 0.005) -> None:
+        self.period = period
+        self.peaks: dict[str, float] = {}
+        self._label: str | None = None
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
-    records = scan_split(fullres_dir, "train")
-    warm_file_cache(r.path for r in records)
-    n = round_up(n_images, batch_size * max(1, num_workers))
-    dataset = XRayDataset(cycle_to(records, n), image_size, interpolation,
-                          sample_transform=train_transform(_augment()))
-    dataset[0]  # imports and lazy initialisation happen once, before the workers fork
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))
-    seen = 0
-    t0 = time.perf_counter()
-    for images, _labels, _index in loader:
-        seen += images.shape[0]
-    seconds = time.perf_counter() - t0
-    assert images.dtype == torch.float32 and float(images.max()) <= 1.0 + 1e-6
-    del loader
-    return [{
-        "name": "data/naive", "image_size": image_size, "images_per_s": round(seen / seconds, 2),
-        "seconds": round(seconds, 3), "images": seen, "peak_rss_mb": peak_rss_mb(),
-        "workers_peak_rss_mb": children_peak_rss_mb(),
-        "note": f"{num_workers} workers, per-sample decode+resize+affine",
-    }]
+    def rss_mb(self) -> float:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * self._page / 2**20
+        except (OSError, ValueError, IndexError):
+            return peak_rss_mb()
+
+    def _note(self) -> None:
+        label = self._label
+        if label is not None:
+            self.peaks[label] = max(self.peaks.get(label, 0.0), self.rss_mb())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._note()
+
+    @contextmanager
+    def track(self, label: str) -> Iterator[None]:
+        self._label = label
+        self._note()
+        try:
+            yield
+        finally:
+            self._note()
+            self._label = None
+
+    def peak(self, label: str) -> float:
+        return round(self.peaks.get(label, 0.0), 1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class CallCounter:
@@ -273,64 +311,113 @@ def _patch_read_image() -> tuple[CallCounter, Callable[[], None]]:
     return counter, restore
 
 
-def bench_data_cached(
+def bench_data(
     fullres_dir: str,
     image_size: int,
     n_images: int,
     cache_dir: str,
+    rounds: int = 2,
     batch_size: int = 40,
     num_workers: int = 2,
     interpolation: str = "bilinear",
+    mallopt: bool = False,
 ) -> list[Row]:
-    """The product's path through ``XRayDataModule``: cache build (timed once), then steady-state batches.
+    """The naive and the cached data paths over the same files, interleaved for ``rounds`` rounds.
 
-    ``setup()`` builds the decoded cache of the ``train`` folder (``data/cache_build``). The training
-    dataset is then replaced by an ``XRayDataset`` over the same cache with the file list cycled to
-    ``n_images``, loaded by the DataModule's own ``train_dataloader()`` (``num_workers=0`` for cached
-    data, ``__getitems__`` batched memmap reads), and every batch goes through the DataModule's
-    ``on_after_batch_transfer`` (rescale + ``sample_keras_params`` + ``keras_augment_batch``) with a
-    stand-in trainer in training mode. ``read_image`` calls are counted during the steady state.
+    ``mallopt=True`` applies :func:`keep_freed_memory` first and measures only ``data/cached+mallopt``.
+
+    ``data/naive``: ``XRayDataset`` without cache, its eval preset (``read_image`` + ``resize_image``)
+    then ``train_transform`` (``KerasRandomAffine`` + ``Rescale``) on each sample in ``num_workers``
+    DataLoader workers (fresh each pass, start-up included); the image count is rounded up to whole
+    batches per worker so that no worker idles at the end.
+
+    ``data/cache_build`` (once): ``XRayDataModule.setup()`` building the decoded cache of the folder.
+    ``data/cached``: the DataModule's ``train_dataloader()`` over that cache (file list cycled to
+    ``n_images``; ``num_workers=0`` and ``__getitems__`` batched memmap reads, as the product does)
+    and its ``on_after_batch_transfer`` (rescale + ``sample_keras_params`` + ``keras_augment_batch``)
+    with a stand-in trainer in training mode; one untimed warm-up batch per pass. ``read_image`` calls
+    are counted during these passes. ``data/cached_read``: the same batches without augmentation.
+    Each row reports the median rate over the rounds.
     """
     import torch
+    from torch.utils.data import DataLoader
 
     from xray.data.datamodule import XRayDataModule, XRayDataset
     from xray.data.records import scan_split
+    from xray.transforms import train_transform
 
+    if mallopt and not keep_freed_memory():
+        raise RuntimeError("mallopt is not available (not glibc)")
     records = scan_split(fullres_dir, "train")
     warm_file_cache(r.path for r in records)
     counter, restore = _patch_read_image()
+    sampler = RssSampler()
+    rows: list[Row] = []
     try:
-        dm = XRayDataModule(root=fullres_dir, image_size=image_size, batch_size=batch_size,
-                            num_workers=num_workers, interpolation=interpolation, augment=_augment(),
-                            cache=True, cache_dir=cache_dir)
-        t0 = time.perf_counter()
-        dm.setup("fit")
-        build_s = time.perf_counter() - t0
+        dm = XRayDataModule(
+            root=fullres_dir,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            interpolation=interpolation,
+            augment=_augment(),
+            cache=True,
+            cache_dir=cache_dir,
+        )
+        with sampler.track("data/cache_build"):
+            t0 = time.perf_counter()
+            dm.setup("fit")
+            build_s = time.perf_counter() - t0
         cache = dm.datasets["train"].cache
         assert cache is not None
-        rows: list[Row] = [{
-            "name": "data/cache_build", "image_size": image_size,
-            "images_per_s": round(len(cache.paths) / build_s, 2), "seconds": round(build_s, 3),
-            "images": len(cache.paths), "peak_rss_mb": peak_rss_mb(),
-            "workers_peak_rss_mb": children_peak_rss_mb(),
-            "note": f"one-off, {num_workers} procs, {len(cache.paths)} files",
-        }]
+        rows.append(
+            {
+                "name": "data/cache_build",
+                "image_size": image_size,
+                "images_per_s": round(len(cache.paths) / build_s, 2),
+                "seconds": round(build_s, 3),
+                "images": len(cache.paths),
+                "peak_rss_mb": sampler.peak("data/cache_build"),
+                "workers_peak_rss_mb": children_peak_rss_mb(),
+                "note": f"one-off, {num_workers} procs, {len(cache.paths)} files",
+            }
+        )
 
+        n_naive = round_up(n_images, batch_size * max(1, num_workers))
+        naive_set = XRayDataset(
+            cycle_to(records, n_naive),
+            image_size,
+            interpolation,
+            sample_transform=train_transform(_augment()),
+        )
+        naive_set[0]  # imports and lazy initialisation happen once, before the workers fork
         row_of = {p: i for i, p in enumerate(cache.paths)}
         cycled = cycle_to(records, round_up(n_images, batch_size))
-        dm.datasets["train"] = XRayDataset(cycled, image_size, interpolation, cache,
-                                           [row_of[str(r.path)] for r in cycled])
+        dm.datasets["train"] = XRayDataset(
+            cycled, image_size, interpolation, cache, [row_of[str(r.path)] for r in cycled]
+        )
         dm.trainer = SimpleNamespace(training=True, world_size=1)  # what on_after_batch_transfer asks
 
-        def run(augment: bool) -> tuple[int, float, int]:
+        def naive_pass() -> tuple[int, float]:
+            loader = DataLoader(naive_set, batch_size=batch_size, shuffle=True, num_workers=num_workers)
+            seen, t_start = 0, time.perf_counter()
+            for images, _labels, _index in loader:
+                seen += images.shape[0]
+            seconds = time.perf_counter() - t_start
+            assert images.dtype == torch.float32 and float(images.max()) <= 1.0 + 1e-6
+            return seen, seconds
+
+        decodes = 0
+
+        def cached_pass(augment: bool) -> tuple[int, float]:
+            nonlocal decodes
+            before = counter.calls
             loader = dm.train_dataloader()
             assert loader.num_workers == 0
             batch = next(iter(loader))  # warm-up: page-in, allocator, grid_sample kernels
             if augment:
                 dm.on_after_batch_transfer(batch, 0)
-            before = counter.calls
-            seen = 0
-            t_start = time.perf_counter()
+            seen, t_start = 0, time.perf_counter()
             for batch in loader:
                 if augment:
                     images, _labels, _index = dm.on_after_batch_transfer(batch, 0)
@@ -338,104 +425,288 @@ def bench_data_cached(
                 else:
                     assert batch[0].dtype == torch.uint8
                 seen += batch[0].shape[0]
-            return seen, time.perf_counter() - t_start, counter.calls - before
+            seconds = time.perf_counter() - t_start
+            decodes += counter.calls - before
+            return seen, seconds
 
-        seen, seconds, decodes = run(augment=True)
-        rows.append({
-            "name": "data/cached", "image_size": image_size, "images_per_s": round(seen / seconds, 2),
-            "seconds": round(seconds, 3), "images": seen, "read_image_calls": decodes,
-            "peak_rss_mb": peak_rss_mb(),
-            "note": f"memmap batches + batched Keras affine in-process; read_image calls: {decodes}",
-        })
-        seen, seconds, decodes_read = run(augment=False)
-        rows.append({
-            "name": "data/cached_read", "image_size": image_size, "images_per_s": round(seen / seconds, 2),
-            "seconds": round(seconds, 3), "images": seen, "read_image_calls": decodes_read,
-            "peak_rss_mb": peak_rss_mb(), "note": "uint8 memmap batches only (no augmentation)",
-        })
+        passes: dict[str, Callable[[], tuple[int, float]]] = {
+            "data/naive": naive_pass,
+            "data/cached": functools.partial(cached_pass, True),
+            "data/cached_read": functools.partial(cached_pass, False),
+        }
+        if mallopt:
+            passes = {"data/cached": passes["data/cached"]}
+            rows.clear()
+        rates: dict[str, list[float]] = {name: [] for name in passes}
+        for r in range(max(1, rounds)):
+            order = list(passes)
+            if r % 2:
+                order.reverse()
+            for name in order:
+                with sampler.track(name):
+                    seen, seconds = passes[name]()
+                rates[name].append(seen / seconds)
+        notes = {
+            "data/naive": f"{num_workers} workers, per-sample decode+resize+affine+rescale, {n_naive} img/pass",
+            "data/cached": f"memmap batches + batched Keras affine in-process; read_image calls: {decodes}",
+            "data/cached_read": "uint8 memmap batches only (no augmentation)",
+        }
+        for name, values in rates.items():
+            rows.append(
+                {
+                    "name": name + ("+mallopt" if mallopt else ""),
+                    "image_size": image_size,
+                    "images_per_s": round(statistics.median(values), 2),
+                    "rounds": [round(v, 1) for v in values],
+                    "peak_rss_mb": sampler.peak(name),
+                    **({"workers_peak_rss_mb": children_peak_rss_mb()} if name == "data/naive" else {}),
+                    **({"read_image_calls": decodes} if name != "data/naive" else {}),
+                    "note": notes[name] + f"; {len(values)} rounds",
+                }
+            )
     finally:
         restore()
+        sampler.close()
     return rows
 
 
 # ----------------------------------------------------------------------------------------------- train
 
 
-def bench_train(
-    name: str,
-    image_size: int,
-    channels_last: bool,
-    bf16: bool,
-    compile: bool = False,
-    batch_size: int = 40,
-    warmup: int = 2,
-    steps: int = 4,
-    max_seconds: float = 60.0,
-    threads: int | None = None,
-    compile_timeout: float = 180.0,
-) -> list[Row]:
-    """Time ``steps`` optimisation steps of ``SeedCNN`` (after ``warmup``) on random input.
+def _variant_config(variant: str) -> dict[str, Any]:
+    """``fp32`` / ``channels_last`` / ``bf16`` / ``channels_last_bf16``, optionally ``_1thread``."""
+    base, _, suffix = variant.partition("_1thread")
+    if base not in TRAIN_VARIANTS or suffix:
+        raise ValueError(f"unknown training variant {variant!r}")
+    return {**TRAIN_VARIANTS[base], "threads": 1 if variant.endswith("_1thread") else None}
+
+
+class TrainStep:
+    """One ``SeedCNN`` training setup (net, Adam, fixed random batch); calling it runs and times one step.
 
     Mirrors ``XRayClassifier``: ``net.to(channels_last)`` and the input made channels_last in forward,
     ``torch.autocast('cpu', bfloat16)`` as Lightning's ``bf16-mixed``, the loss on float32 logits,
-    ``net.compile()`` as ``configure_model`` does. Timed steps stop early (keeping at least two) once
-    ``max_seconds`` have passed. images/s is the batch size over the median step time.
+    ``net.compile()`` as ``configure_model`` does.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        batch_size: int,
+        channels_last: bool,
+        bf16: bool,
+        threads: int | None = None,
+        compile: bool = False,
+    ) -> None:
+        import torch
+
+        from xray.models import SeedCNN
+
+        torch.manual_seed(0)
+        self.channels_last, self.bf16, self.threads = channels_last, bf16, threads
+        self.net = SeedCNN(image_size).train()
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
+        self.x = torch.rand(batch_size, 1, image_size, image_size)
+        self.y = torch.randint(0, 2, (batch_size,)).float()
+        if compile:
+            self.net.compile()
+
+    def __call__(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        default_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            t0 = time.perf_counter()
+            inputs = self.x.contiguous(memory_format=torch.channels_last) if self.channels_last else self.x
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.net(inputs)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), self.y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()}")
+            return time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(default_threads)
+
+
+def _interleave(
+    steps: dict[str, Callable[[], float]], sampler: RssSampler, warmup: int, rounds: int, max_seconds: float
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``warmup`` then up to ``rounds`` timed steps per variant, one variant after the other per round.
+
+    The order is reversed every other round, so slow drifts in the machine's load hit all variants
+    alike. Stops after ``max_seconds`` of timed rounds once every variant has two timed steps.
+    """
+    warm: dict[str, list[float]] = {name: [] for name in steps}
+    timed: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():
+        for _ in range(warmup):
+            with sampler.track(name):
+                warm[name].append(step())
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            with sampler.track(name):
+                timed[name].append(steps[name]())
+        if r + 1 >= min(2, rounds) and time.perf_counter() - t_start > max_seconds:
+            break
+    return warm, timed
+
+
+def _train_row(
+    name: str,
+    image_size: int,
+    batch_size: int,
+    warm: list[float],
+    timed: list[float],
+    sampler: RssSampler,
+    **extra: Any,
+) -> Row:
+    median = statistics.median(timed)
+    return {
+        "name": name,
+        "image_size": image_size,
+        "images_per_s": round(batch_size / median, 2),
+        "images_per_s_mean": round(batch_size * len(timed) / sum(timed), 2),
+        "step_s": [round(t, 3) for t in timed],
+        "warmup_s": [round(t, 3) for t in warm],
+        "peak_rss_mb": sampler.peak(name),
+        **extra,
+    }
+
+
+def bench_train(
+    image_size: int,
+    variants: Sequence[str],
+    batch_size: int = 40,
+    warmup: int = 2,
+    rounds: int = 4,
+    max_seconds: float = 60.0,
+    threads_sweep: bool = False,
+    mallopt: bool = False,
+) -> list[Row]:
+    """All ``variants`` of the training step in one process, interleaved step by step.
+
+    ``mallopt=True`` applies :func:`keep_freed_memory` first and suffixes the names with ``+mallopt``.
+
+    images/s is the batch size over the median step time. ``threads_sweep``: afterwards, the fastest
+    variant with 1 thread against itself with the default thread count, interleaved again
+    (``train/<best>_1thread``; ``vs_default_threads`` is that ratio).
     """
     import torch
-    import torch.nn.functional as F
 
-    from xray.models import SeedCNN
+    if mallopt and not keep_freed_memory():
+        raise RuntimeError("mallopt is not available (not glibc)")
+    suffix = "+mallopt" if mallopt else ""
+    sampler = RssSampler()
+    try:
+        steps = {
+            f"train/{v}{suffix}": TrainStep(image_size, batch_size, **_variant_config(v)) for v in variants
+        }
+        warm, timed = _interleave(steps, sampler, warmup, rounds, max_seconds)
+        rows = [
+            _train_row(
+                name,
+                image_size,
+                batch_size,
+                warm[name],
+                timed[name],
+                sampler,
+                threads=torch.get_num_threads(),
+                note=f"{len(warm[name])}+{len(timed[name])} steps, interleaved",
+            )
+            for name in steps
+        ]
+        if threads_sweep and rows:
+            best = max(rows, key=lambda r: r["images_per_s"])["name"]
+            base = best.split("/", 1)[1].removesuffix(suffix)
+            one = f"train/{base}_1thread{suffix}"
+            pair = {
+                best: steps[best],
+                one: TrainStep(image_size, batch_size, **_variant_config(base + "_1thread")),
+            }
+            warm2, timed2 = _interleave(pair, sampler, 1, rounds, max_seconds)
+            ratio = statistics.median(timed2[best]) / statistics.median(timed2[one])
+            rows.append(
+                _train_row(
+                    one,
+                    image_size,
+                    batch_size,
+                    warm2[one],
+                    timed2[one],
+                    sampler,
+                    threads=1,
+                    vs_default_threads=round(ratio, 2),
+                    note=f"{ratio:.2f}x vs {torch.get_num_threads()} threads "
+                    f"({len(timed2[one])} interleaved steps each)",
+                )
+            )
+        del steps
+    finally:
+        sampler.close()
+    return rows
 
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = SeedCNN(image_size).train()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
-    x = torch.rand(batch_size, 1, image_size, image_size)
-    y = torch.randint(0, 2, (batch_size,)).float()
-    if compile:
-        net.compile()
 
-    def step() -> float:
-        t0 = time.perf_counter()
-        inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = net(inputs)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()}")
-        return time.perf_counter() - t0
+def bench_compiled(
+    image_size: int,
+    base: str,
+    batch_size: int = 40,
+    warmup: int = 1,
+    rounds: int = 4,
+    max_seconds: float = 60.0,
+    compile_timeout: float = 180.0,
+) -> list[Row]:
+    """``torch.compile`` of variant ``base``, interleaved with the same variant in eager mode.
 
-    row: Row = {"name": name, "image_size": image_size, "threads": torch.get_num_threads()}
-    warm_times = []
-    for i in range(max(warmup, 1 if compile else 0)):
-        warm_times.append(step())
-        if compile and i == 0:
-            row["compile_s"] = round(warm_times[0], 1)
-            if warm_times[0] > compile_timeout:
-                row.update(images_per_s=None, peak_rss_mb=peak_rss_mb(),
-                           note=f"failed: compile took {warm_times[0]:.0f} s > {compile_timeout:.0f} s")
-                return [row]
-    times: list[float] = []
-    t_start = time.perf_counter()
-    while len(times) < steps:
-        times.append(step())
-        if len(times) >= min(2, steps) and time.perf_counter() - t_start > max_seconds:
-            break
-    median = statistics.median(times)
-    row.update(
-        images_per_s=round(batch_size / median, 2),
-        images_per_s_mean=round(batch_size * len(times) / sum(times), 2),
-        step_s=[round(t, 3) for t in times], warmup_s=[round(t, 3) for t in warm_times],
-        peak_rss_mb=peak_rss_mb(),
-        note=f"{len(warm_times)}+{len(times)} steps" + (f", compile {row['compile_s']} s" if compile else ""),
-    )
-    return [row]
+    The first compiled step (tracing + Inductor code generation, forward and backward) is reported as
+    ``compile_s``; if it exceeds ``compile_timeout`` the row is a failure (the caller's subprocess
+    timeout also kills a compile that never returns).
+    """
+    sampler = RssSampler()
+    name = "train/compiled"
+    try:
+        eager = TrainStep(image_size, batch_size, **_variant_config(base))
+        compiled = TrainStep(image_size, batch_size, compile=True, **_variant_config(base))
+        with sampler.track(name):
+            compile_s = compiled()
+        if compile_s > compile_timeout:
+            return [
+                {
+                    "name": name,
+                    "image_size": image_size,
+                    "images_per_s": None,
+                    "compile_s": round(compile_s, 1),
+                    "peak_rss_mb": sampler.peak(name),
+                    "note": f"{base}; failed: compile took {compile_s:.0f} s > {compile_timeout:.0f} s",
+                }
+            ]
+        warm, timed = _interleave({name: compiled, "eager": eager}, sampler, warmup, rounds, max_seconds)
+        ratio = statistics.median(timed["eager"]) / statistics.median(timed[name])
+        return [
+            _train_row(
+                name,
+                image_size,
+                batch_size,
+                [compile_s, *warm[name]],
+                timed[name],
+                sampler,
+                compile_s=round(compile_s, 1),
+                base=base,
+                vs_eager=round(ratio, 2),
+                note=f"{base}; compile {compile_s:.0f} s; {ratio:.2f}x vs eager {base} "
+                f"({len(timed[name])} interleaved steps each)",
+            )
+        ]
+    finally:
+        sampler.close()
 
 
 # ----------------------------------------------------------------------------------------------- epoch
@@ -453,6 +724,7 @@ def bench_epoch(
     batch_size: int = 40,
     num_workers: int = 2,
     interpolation: str = "bilinear",
+    mallopt: bool = False,
 ) -> list[Row]:
     """One training epoch (or ``fraction`` of it) through ``lightning.Trainer`` and ``XRayDataModule``.
 
@@ -460,8 +732,11 @@ def bench_epoch(
     time (the cache build) is reported as ``epoch/cache_build``. ``cached=False`` is the naive path:
     no cache, per-sample ``train_transform`` (Keras affine + ``Rescale``) in ``num_workers`` workers.
     No validation. The epoch time is measured between the epoch-start and epoch-end hooks and
-    extrapolated to the whole epoch by the fraction of batches run.
+    extrapolated to the whole epoch by the fraction of batches run. ``mallopt=True`` applies
+    :func:`keep_freed_memory` first (and skips the ``epoch/cache_build`` row).
     """
+    if mallopt and not keep_freed_memory():
+        raise RuntimeError("mallopt is not available (not glibc)")
     import lightning as L
     import torch
 
@@ -479,8 +754,9 @@ def bench_epoch(
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.start = time.perf_counter()
 
-        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                               batch: Any, batch_idx: int) -> None:
+        def on_train_batch_end(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
             self.images += int(batch[0].shape[0])
             self.batches += 1
 
@@ -488,21 +764,36 @@ def bench_epoch(
             self.end = time.perf_counter()
 
     L.seed_everything(0, verbose=False)
-    dm = XRayDataModule(root=root, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                        interpolation=interpolation, augment=_augment(),
-                        augment_on="batch" if cached else "sample", cache=cached, cache_dir=cache_dir)
+    dm = XRayDataModule(
+        root=root,
+        image_size=image_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        interpolation=interpolation,
+        augment=_augment(),
+        augment_on="batch" if cached else "sample",
+        cache=cached,
+        cache_dir=cache_dir,
+    )
     warm_file_cache(p for p in Path(root, "train").rglob("*") if p.is_file())
     t0 = time.perf_counter()
     dm.setup("fit")
     setup_s = time.perf_counter() - t0
     rows: list[Row] = []
-    if cached:
+    if cached and not mallopt:
         n_files = len(dm.datasets["train"].cache.paths)  # type: ignore[union-attr]
-        rows.append({"name": "epoch/cache_build", "image_size": image_size,
-                     "images_per_s": round(n_files / setup_s, 2), "seconds": round(setup_s, 2),
-                     "images": n_files, "peak_rss_mb": peak_rss_mb(),
-                     "workers_peak_rss_mb": children_peak_rss_mb(),
-                     "note": f"one-off setup incl. cache build, {num_workers} procs"})
+        rows.append(
+            {
+                "name": "epoch/cache_build",
+                "image_size": image_size,
+                "images_per_s": round(n_files / setup_s, 2),
+                "seconds": round(setup_s, 2),
+                "images": n_files,
+                "peak_rss_mb": peak_rss_mb(),
+                "workers_peak_rss_mb": children_peak_rss_mb(),
+                "note": f"one-off setup incl. cache build, {num_workers} procs",
+            }
+        )
     else:
         # train_transform = Keras affine + Rescale: the augment_on="sample" preset alone leaves 0..255
         dm.datasets["train"].sample_transform = train_transform(_augment())
@@ -514,31 +805,52 @@ def bench_epoch(
     )
     timer = EpochTimer()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, precision=precision, limit_train_batches=fraction,
-        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        precision=precision,
+        limit_train_batches=fraction,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     trainer.fit(model, datamodule=dm)
     seconds = timer.end - timer.start
     done = timer.batches / total_batches
-    rows.append({
-        "name": name, "image_size": image_size, "images_per_s": round(timer.images / seconds, 2),
-        "seconds": round(seconds, 2), "epoch_s_full": round(seconds / done, 1), "fraction": round(done, 4),
-        "images": timer.images, "train_images": len(dm.datasets["train"]), "setup_s": round(setup_s, 2),
-        "precision": precision, "channels_last": channels_last, "peak_rss_mb": peak_rss_mb(),
-        "workers_peak_rss_mb": children_peak_rss_mb(),
-        "note": (f"{'product: cache + batch aug' if cached else f'naive: {num_workers} workers'}, "
-                 f"{precision}{', channels_last' if channels_last else ''}; "
-                 f"{timer.batches}/{total_batches} batches in {seconds:.0f} s -> epoch "
-                 f"{seconds / done:.0f} s{' (extrapolated)' if done < 1 else ''}"),
-    })
+    rows.append(
+        {
+            "name": name,
+            "image_size": image_size,
+            "images_per_s": round(timer.images / seconds, 2),
+            "seconds": round(seconds, 2),
+            "epoch_s_full": round(seconds / done, 1),
+            "fraction": round(done, 4),
+            "images": timer.images,
+            "train_images": len(dm.datasets["train"]),
+            "setup_s": round(setup_s, 2),
+            "precision": precision,
+            "channels_last": channels_last,
+            "peak_rss_mb": peak_rss_mb(),
+            "workers_peak_rss_mb": children_peak_rss_mb(),
+            "note": (
+                f"{'product: cache + batch aug' if cached else f'naive: {num_workers} workers'}, "
+                f"{precision}{', channels_last' if channels_last else ''}; "
+                f"{timer.batches}/{total_batches} batches in {seconds:.0f} s -> epoch "
+                f"{seconds / done:.0f} s{' (extrapolated)' if done < 1 else ''}"
+            ),
+        }
+    )
     return rows
 
 
 TASKS: dict[str, Callable[..., list[Row]]] = {
-    "data_naive": bench_data_naive,
-    "data_cached": bench_data_cached,
+    "data": bench_data,
     "train": bench_train,
+    "compiled": bench_compiled,
     "epoch": bench_epoch,
 }
 
@@ -546,43 +858,70 @@ TASKS: dict[str, Callable[..., list[Row]]] = {
 # ------------------------------------------------------------------------------------------- execution
 
 
-def run_task(task: str, kwargs: dict[str, Any], isolate: bool, timeout: float | None,
-             fallback: Row | None = None) -> list[Row]:
+def run_task(
+    task: str, kwargs: dict[str, Any], isolate: bool, timeout: float | None, fallback: Row | None = None
+) -> list[Row]:
     """Run ``TASKS[task](**kwargs)`` in a fresh subprocess (``isolate``) or here; never raises.
 
     A failure (exception, crash, timeout) becomes a single row with ``images_per_s=None`` and the
     reason in ``note``, built from ``fallback`` (which gives at least name and image_size).
     """
     fallback = dict(fallback or {"name": task, "image_size": kwargs.get("image_size")})
-    busy = others_cpu_pct(0.5 if isolate else 0.1)
-    fallback["others_cpu_pct"] = busy
+    probe = OthersCpu().start()
     if not isolate:
         try:
             rows = TASKS[task](**kwargs)
-            for r in rows:
-                r.setdefault("rss_scope", "process so far")
-                r.setdefault("others_cpu_pct", busy)
-            return rows
         except Exception as err:  # report, don't crash the whole benchmark
-            return [{**fallback, "images_per_s": None, "peak_rss_mb": peak_rss_mb(),
-                     "note": f"failed: {type(err).__name__}: {err}"[:300]}]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps({"task": task, "kwargs": kwargs})]
+            rows = [
+                {
+                    **fallback,
+                    "images_per_s": None,
+                    "peak_rss_mb": peak_rss_mb(),
+                    "note": f"failed: {type(err).__name__}: {err}"[:300],
+                }
+            ]
+        busy = probe.stop()
+        for r in rows:
+            r.setdefault("rss_scope", "process so far")
+            r.setdefault("others_cpu_pct", busy)
+        return rows
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps({"task": task, "kwargs": kwargs}),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=PROJECT_ROOT)
     except subprocess.TimeoutExpired:
-        return [{**fallback, "images_per_s": None, "peak_rss_mb": None,
-                 "note": f"failed: timed out after {timeout:.0f} s"}]
+        return [
+            {
+                **fallback,
+                "images_per_s": None,
+                "peak_rss_mb": None,
+                "others_cpu_pct": probe.stop(),
+                "note": f"failed: timed out after {timeout:.0f} s",
+            }
+        ]
+    busy = probe.stop()
+    fallback["others_cpu_pct"] = busy
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            rows = json.loads(line[len(RESULT_MARK):])
+            rows = json.loads(line[len(RESULT_MARK) :])
             for r in rows:
                 r.setdefault("rss_scope", "own subprocess")
                 r.setdefault("others_cpu_pct", busy)
             return rows
     tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-    return [{**fallback, "images_per_s": None, "peak_rss_mb": None,
-             "note": f"failed (exit {proc.returncode}): {tail}"[:400]}]
+    return [
+        {
+            **fallback,
+            "images_per_s": None,
+            "peak_rss_mb": None,
+            "note": f"failed (exit {proc.returncode}): {tail}"[:400],
+        }
+    ]
 
 
 def worker_main(spec_json: str) -> int:
@@ -603,16 +942,45 @@ def log(msg: str) -> None:
 def run_data(args: argparse.Namespace, cache_root: Path) -> list[Row]:
     rows: list[Row] = []
     for size in args.sizes:
-        common = {"fullres_dir": str(args.fullres_dir), "image_size": size, "n_images": args.data_images,
-                  "batch_size": args.batch_size, "num_workers": args.num_workers,
-                  "interpolation": args.interpolation}
-        log(f"data/naive {size}px")
-        rows += run_task("data_naive", common, args.isolate, args.timeout,
-                         {"name": "data/naive", "image_size": size})
-        log(f"data/cached {size}px")
-        rows += run_task("data_cached", {**common, "cache_dir": str(cache_root / f"data-{size}")},
-                         args.isolate, args.timeout, {"name": "data/cached", "image_size": size})
+        log(f"data {size}px (naive / cached interleaved, {args.data_rounds} rounds)")
+        kwargs = {
+            "fullres_dir": str(args.fullres_dir),
+            "image_size": size,
+            "n_images": args.data_images,
+            "cache_dir": str(cache_root / f"data-{size}"),
+            "rounds": args.data_rounds,
+            "batch_size": args.batch_size,
+            "num_workers": args.num_workers,
+            "interpolation": args.interpolation,
+        }
+        size_rows = run_task(
+            "data", kwargs, args.isolate, args.timeout, {"name": "data/cached", "image_size": size}
+        )
+        if args.mallopt_rows and args.isolate:
+            log(f"data/cached+mallopt {size}px")
+            extra = run_task(
+                "data",
+                {**kwargs, "mallopt": True},
+                args.isolate,
+                args.timeout,
+                {"name": "data/cached+mallopt", "image_size": size},
+            )
+            _vs_default_malloc(extra, size_rows)
+            size_rows += extra
+        rows += size_rows
     return rows
+
+
+def _vs_default_malloc(extra: list[Row], reference: list[Row]) -> None:
+    """Add ``vs_default_malloc`` (and a note) to ``+mallopt`` rows from the same-named default rows."""
+    by_name = {r["name"]: r for r in reference}
+    for r in extra:
+        ref = by_name.get(r["name"].removesuffix("+mallopt"))
+        if ref and ref.get("images_per_s") and r.get("images_per_s"):
+            r["vs_default_malloc"] = round(r["images_per_s"] / ref["images_per_s"], 2)
+            r["note"] = f"{r['vs_default_malloc']:.2f}x vs default malloc (separate process); " + str(
+                r.get("note", "")
+            )
 
 
 def run_train(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
@@ -624,63 +992,127 @@ def run_train(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
     for size in args.sizes:
         big = size >= 400
         warmup = 1 if args.quick else (args.warmup_large if big else args.warmup_small)
-        steps = 1 if args.quick else (args.steps_large if big else args.steps_small)
-        common = {"image_size": size, "batch_size": args.batch_size, "warmup": warmup, "steps": steps,
-                  "max_seconds": args.max_seconds}
-        size_rows: list[Row] = []
-        for variant in args.train_variants:
-            log(f"train/{variant} {size}px")
-            size_rows += run_task("train", {**common, "name": f"train/{variant}", **TRAIN_VARIANTS[variant]},
-                                  args.isolate, args.timeout, {"name": f"train/{variant}", "image_size": size})
-        ok = [r for r in size_rows if r.get("images_per_s")]
+        rounds = 1 if args.quick else (args.rounds_large if big else args.rounds_small)
+        common = {
+            "image_size": size,
+            "batch_size": args.batch_size,
+            "warmup": warmup,
+            "rounds": rounds,
+            "max_seconds": args.max_seconds,
+        }
+        log(f"train {size}px: {', '.join(args.train_variants)} interleaved")
+        size_rows = run_task(
+            "train",
+            {
+                **common,
+                "variants": args.train_variants,
+                "threads_sweep": bool(args.threads_sweep and not big),
+            },
+            args.isolate,
+            args.timeout,
+            {"name": "train/all", "image_size": size},
+        )
+        ok = [r for r in size_rows if r.get("images_per_s") and not r["name"].endswith("_1thread")]
         best = max(ok, key=lambda r: r["images_per_s"]) if ok else None
         if best is not None and args.compile:
             base = best["name"].split("/", 1)[1]
-            log(f"train/compiled ({base}) {size}px")
+            log(f"train/compiled ({base}) {size}px, interleaved with eager")
             size_rows += run_task(
-                "train",
-                {**common, "name": "train/compiled", **TRAIN_VARIANTS[base], "compile": True,
-                 "compile_timeout": args.compile_timeout, "warmup": max(2, warmup)},
-                args.isolate, args.compile_timeout + args.timeout,
-                {"name": "train/compiled", "image_size": size,
-                 "note": f"failed: compile exceeded {args.compile_timeout:.0f} s"},
+                "compiled",
+                {**common, "base": base, "compile_timeout": args.compile_timeout},
+                args.isolate,
+                args.compile_timeout + args.timeout,
+                {"name": "train/compiled", "image_size": size, "base": base},
             )
-            size_rows[-1]["note"] = f"{base}; " + str(size_rows[-1].get("note", ""))
-        if best is not None and args.threads_sweep and not big:
+        if best is not None and args.mallopt_rows and args.isolate:
             base = best["name"].split("/", 1)[1]
-            log(f"train/{base}_1thread {size}px")
-            size_rows += run_task("train", {**common, "name": f"train/{base}_1thread",
-                                            **TRAIN_VARIANTS[base], "threads": 1},
-                                  args.isolate, args.timeout, {"name": f"train/{base}_1thread", "image_size": size})
+            log(f"train/{base}+mallopt {size}px")
+            extra = run_task(
+                "train",
+                {**common, "variants": [base], "mallopt": True},
+                args.isolate,
+                args.timeout,
+                {"name": f"train/{base}+mallopt", "image_size": size},
+            )
+            _vs_default_malloc(extra, size_rows)
+            size_rows += extra
         for r in size_rows:
             r["flops_per_image"] = round(flops[size])
             if r.get("images_per_s"):
-                uses_bf16 = "bf16" in r["name"] or ("bf16" in str(r.get("note", "")).split(";")[0])
+                uses_bf16 = "bf16" in r["name"] or "bf16" in str(r.get("base", ""))
                 r["gflops"] = round(flops[size] * r["images_per_s"] / 1e9, 1)
                 r["ceiling_gflops"] = ceiling["bf16" if uses_bf16 else "fp32"]
                 r["pct_of_ceiling"] = round(100 * r["gflops"] / r["ceiling_gflops"], 1)
         rows += size_rows
     log("GEMM ceiling (again, to see contention)")
     ceiling_after = {"fp32": gemm("float32"), "bf16": gemm("bfloat16")}
-    return rows, {"fp32_before": ceiling["fp32"], "bf16_before": ceiling["bf16"],
-                  "fp32_after": ceiling_after["fp32"], "bf16_after": ceiling_after["bf16"]}
+    return rows, {
+        "fp32_before": ceiling["fp32"],
+        "bf16_before": ceiling["bf16"],
+        "fp32_after": ceiling_after["fp32"],
+        "bf16_after": ceiling_after["bf16"],
+    }
 
 
 def run_epoch(args: argparse.Namespace, cache_root: Path) -> list[Row]:
     size = args.epoch_size
-    common = {"root": str(args.epoch_root), "image_size": size, "batch_size": args.batch_size,
-              "num_workers": args.num_workers, "interpolation": args.interpolation,
-              "cache_dir": str(cache_root / "epoch")}
+    common = {
+        "root": str(args.epoch_root),
+        "image_size": size,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "interpolation": args.interpolation,
+        "cache_dir": str(cache_root / "epoch"),
+    }
     naive_fraction = args.naive_fraction if args.naive_fraction is not None else min(0.1, args.epoch_fraction)
     timeout = None if not args.isolate else max(args.timeout, 3600.0)
     log(f"epoch/cached {size}px fraction {args.epoch_fraction}")
-    rows = run_task("epoch", {**common, "name": "epoch/cached", "fraction": args.epoch_fraction, "cached": True,
-                              "precision": args.epoch_precision, "channels_last": args.epoch_channels_last},
-                    args.isolate, timeout, {"name": "epoch/cached", "image_size": size})
+    rows = run_task(
+        "epoch",
+        {
+            **common,
+            "name": "epoch/cached",
+            "fraction": args.epoch_fraction,
+            "cached": True,
+            "precision": args.epoch_precision,
+            "channels_last": args.epoch_channels_last,
+        },
+        args.isolate,
+        timeout,
+        {"name": "epoch/cached", "image_size": size},
+    )
+    if args.epoch_mallopt:
+        log(f"epoch/cached+mallopt {size}px fraction {args.epoch_fraction}")
+        rows += run_task(
+            "epoch",
+            {
+                **common,
+                "name": "epoch/cached+mallopt",
+                "fraction": args.epoch_fraction,
+                "cached": True,
+                "precision": args.epoch_precision,
+                "channels_last": args.epoch_channels_last,
+                "mallopt": True,
+            },
+            args.isolate,
+            timeout,
+            {"name": "epoch/cached+mallopt", "image_size": size},
+        )
     log(f"epoch/naive {size}px fraction {naive_fraction}")
-    rows += run_task("epoch", {**common, "name": "epoch/naive", "fraction": naive_fraction, "cached": False,
-                               "precision": "32-true", "channels_last": False},
-                     args.isolate, timeout, {"name": "epoch/naive", "image_size": size})
+    rows += run_task(
+        "epoch",
+        {
+            **common,
+            "name": "epoch/naive",
+            "fraction": naive_fraction,
+            "cached": False,
+            "precision": "32-true",
+            "channels_last": False,
+        },
+        args.isolate,
+        timeout,
+        {"name": "epoch/naive", "image_size": size},
+    )
     return rows
 
 
@@ -716,28 +1148,47 @@ def _fmt(value: Any, suffix: str = "") -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    header = ("| name | px | images/s | vs baseline | vs Keras | GFLOP/s | % of GEMM peak "
-              "| peak RSS MB (workers) | others' CPU | notes |")
+    header = (
+        "| name | px | images/s | vs baseline | vs Keras | GFLOP/s | % of GEMM peak "
+        "| peak RSS MB (workers) | others' CPU | notes |"
+    )
     lines = [header, "|" + "---|" * 10]
     for r in rows:
         rss = _fmt(r.get("peak_rss_mb"))
         if r.get("workers_peak_rss_mb"):
             rss += f" ({_fmt(r['workers_peak_rss_mb'])})"
-        lines.append("| " + " | ".join([
-            r["name"], str(r["image_size"]), _fmt(r.get("images_per_s")), _fmt(r.get("vs_baseline"), "x"),
-            _fmt(r.get("vs_keras"), "x"), _fmt(r.get("gflops")), _fmt(r.get("pct_of_ceiling"), "%"),
-            rss, _fmt(None if r.get("others_cpu_pct") is None else int(r["others_cpu_pct"]), "%"), str(r.get("note", "")).replace("|", "/"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["name"],
+                    str(r["image_size"]),
+                    _fmt(r.get("images_per_s")),
+                    _fmt(r.get("vs_baseline"), "x"),
+                    _fmt(r.get("vs_keras"), "x"),
+                    _fmt(r.get("gflops")),
+                    _fmt(r.get("pct_of_ceiling"), "%"),
+                    rss,
+                    _fmt(None if r.get("others_cpu_pct") is None else int(r["others_cpu_pct"]), "%"),
+                    str(r.get("note", "")).replace("|", "/"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def machine_line(info: dict[str, Any], ceilings: dict[str, float] | None, load_after: Sequence[float]) -> str:
-    text = (f"Machine: {info['cpu']}, {info['cores']} cores ({' '.join(info['isa'])}), torch {info['torch']}, "
-            f"{info['threads']} threads, Python {info['python']}; load avg {info['load_avg'][0]} -> "
-            f"{round(load_after[0], 2)}")
+    text = (
+        f"Machine: {info['cpu']}, {info['cores']} cores ({' '.join(info['isa'])}), torch {info['torch']}, "
+        f"{info['threads']} threads, Python {info['python']}; load avg {info['load_avg'][0]} -> "
+        f"{round(load_after[0], 2)}"
+    )
     if ceilings:
-        text += (f"; GEMM peak fp32 {ceilings['fp32_before']} / {ceilings['fp32_after']}, "
-                 f"bf16 {ceilings['bf16_before']} / {ceilings['bf16_after']} GFLOP/s (before / after)")
+        text += (
+            f"; GEMM peak fp32 {ceilings['fp32_before']} / {ceilings['fp32_after']}, "
+            f"bf16 {ceilings['bf16_before']} / {ceilings['bf16_after']} GFLOP/s (before / after)"
+        )
     return text
 
 
@@ -745,43 +1196,100 @@ def machine_line(info: dict[str, Any], ceilings: dict[str, float] | None, load_a
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[500, 224], help="image sizes (data, train)")
-    p.add_argument("--only", choices=["data", "train", "epoch"], help="one section (epoch is never in the default)")
+    p.add_argument(
+        "--only", choices=["data", "train", "epoch"], help="one section (epoch is never in the default)"
+    )
     p.add_argument("--json", type=Path, help="write the rows as a JSON list here")
-    p.add_argument("--quick", action="store_true",
-                   help="minimal settings: one batch per worker, 1+1 steps, no compile, no thread sweep")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="minimal settings: one batch per worker, 1+1 steps, no compile, no thread sweep",
+    )
     p.add_argument("--batch-size", type=int, default=40)
-    p.add_argument("--num-workers", type=int, default=2, help="naive DataLoader workers and cache-build procs")
+    p.add_argument(
+        "--num-workers", type=int, default=2, help="naive DataLoader workers and cache-build procs"
+    )
     p.add_argument("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"])
-    p.add_argument("--fullres-dir", type=Path, default=DEFAULT_FULLRES, help="folder with train/{NORMAL,PNEUMONIA}")
-    p.add_argument("--data-images", type=int, default=200, help="images per data measurement (cycled files)")
-    p.add_argument("--train-variants", default=",".join(TRAIN_VARIANTS),
-                   help=f"comma-separated subset of {','.join(TRAIN_VARIANTS)}")
-    p.add_argument("--warmup-large", type=int, default=1, help="warm-up steps at >= 400 px")
-    p.add_argument("--steps-large", type=int, default=3, help="timed steps at >= 400 px")
-    p.add_argument("--warmup-small", type=int, default=2, help="warm-up steps below 400 px")
-    p.add_argument("--steps-small", type=int, default=6, help="timed steps below 400 px")
-    p.add_argument("--max-seconds", type=float, default=25.0,
-                   help="stop timing a variant after this long (keeping >= 2 steps)")
+    p.add_argument(
+        "--fullres-dir", type=Path, default=DEFAULT_FULLRES, help="folder with train/{NORMAL,PNEUMONIA}"
+    )
+    p.add_argument("--data-images", type=int, default=200, help="images per data pass (cycled files)")
+    p.add_argument("--data-rounds", type=int, default=2, help="interleaved passes per data variant")
+    p.add_argument(
+        "--train-variants",
+        default=",".join(TRAIN_VARIANTS),
+        help=f"comma-separated subset of {','.join(TRAIN_VARIANTS)}",
+    )
+    p.add_argument("--warmup-large", type=int, default=1, help="warm-up steps per variant at >= 400 px")
+    p.add_argument("--rounds-large", type=int, default=3, help="timed steps per variant at >= 400 px")
+    p.add_argument("--warmup-small", type=int, default=2, help="warm-up steps per variant below 400 px")
+    p.add_argument("--rounds-small", type=int, default=6, help="timed steps per variant below 400 px")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="stop the interleaved rounds of one size after this long (keeping >= 2 rounds)",
+    )
     p.add_argument("--gemm-size", type=int, default=2048, help="n of the n x n GEMM that gives the ceiling")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time torch.compile of the fastest variant (default: on unless --quick)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile of the fastest variant (default: on unless --quick)",
+    )
     p.add_argument("--compile-timeout", type=float, default=180.0)
-    p.add_argument("--threads-sweep", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the fastest small-size variant with 1 thread (default: on unless --quick)")
-    p.add_argument("--epoch-root", type=Path, default=DEFAULT_EPOCH_ROOT, help="dataset root for --only epoch")
+    p.add_argument(
+        "--threads-sweep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the fastest small-size variant with 1 thread (default: on unless --quick)",
+    )
+    p.add_argument(
+        "--mallopt-rows",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure data/cached and the fastest training variant with keep_freed_memory() "
+        "in their own processes (default: on unless --quick or --in-process)",
+    )
+    p.add_argument(
+        "--epoch-root", type=Path, default=DEFAULT_EPOCH_ROOT, help="dataset root for --only epoch"
+    )
     p.add_argument("--epoch-size", type=int, default=500)
-    p.add_argument("--epoch-fraction", type=float, default=1.0, help="fraction of the epoch for the product path")
-    p.add_argument("--naive-fraction", type=float, default=None,
-                   help="fraction for the naive epoch, extrapolated (default: min(0.1, --epoch-fraction))")
+    p.add_argument(
+        "--epoch-fraction", type=float, default=1.0, help="fraction of the epoch for the product path"
+    )
+    p.add_argument(
+        "--naive-fraction",
+        type=float,
+        default=None,
+        help="fraction for the naive epoch, extrapolated (default: min(0.1, --epoch-fraction))",
+    )
     p.add_argument("--epoch-precision", default="bf16-mixed", help="trainer.precision of the product epoch")
     p.add_argument("--epoch-channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--epoch-mallopt",
+        action="store_true",
+        help="also run the product epoch with keep_freed_memory() (epoch/cached+mallopt)",
+    )
     p.add_argument("--cache-dir", type=Path, help="keep decoded caches here (default: a temporary folder)")
-    p.add_argument("--in-process", dest="isolate", action="store_false",
-                   help="run every measurement in this process (peak RSS is then the process's so far)")
+    p.add_argument(
+        "--in-process",
+        dest="isolate",
+        action="store_false",
+        help="run every measurement in this process (peak RSS is then the process's so far)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement subprocess")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other processes to leave the CPUs idle",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.train_variants = [v.strip() for v in args.train_variants.split(",") if v.strip()]
@@ -792,8 +1300,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.compile = not args.quick
     if args.threads_sweep is None:
         args.threads_sweep = not args.quick
+    if args.mallopt_rows is None:
+        args.mallopt_rows = not args.quick
     if args.quick:
         args.data_images = args.batch_size * max(1, args.num_workers)
+        args.data_rounds = 1
     if not 0.0 < args.epoch_fraction <= 1.0:
         p.error("--epoch-fraction must be in (0, 1]")
     return args
@@ -805,6 +1316,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.worker:
         worker_main(args.worker)
         return []
+    if args.wait_quiet > 0:
+        log(f"waiting up to {args.wait_quiet:.0f} s for a quiet machine")
+        log(f"others' CPU now {wait_quiet(args.wait_quiet)} %")
     info = machine_info()
     sections = [args.only] if args.only else ["data", "train"]
     tmp = None
