@@ -85,11 +85,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> Any:
-        try:
-            return load_checkpoint_file(path, map_location=map_location or "cpu")
-        except CheckpointError as err:
-            # Lightning reports a missing resume file itself; keep our message for everything else
-            raise err from None
+        return load_checkpoint_file(path, map_location=map_location or "cpu")
 
 
 @dataclass
