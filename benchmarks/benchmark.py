@@ -2,25 +2,33 @@
 
 Usage (see ``benchmarks/README.md``)::
 
-    python benchmarks/benchmark.py                       # data + train, 500 and 224 px
+    python benchmarks/benchmark.py                       # data + train, 500 and 224 px (~6 min)
     python benchmarks/benchmark.py --sizes 224 --only train --json results.json
-    python benchmarks/benchmark.py --quick               # a minute: tiny step counts, no torch.compile
-    python benchmarks/benchmark.py --only epoch --epoch-fraction 0.1
+    python benchmarks/benchmark.py --quick               # tiny step counts, no compile / extra rows
+    python benchmarks/benchmark.py --only epoch --epoch-fraction 0.1 --epoch-mallopt
+    python benchmarks/benchmark.py --wait-quiet 600      # first wait for other users to leave the CPUs
 
 Sections
     ``data``   augmented batches from real full-resolution JPEGs: ``data/naive`` (per-sample decode +
                resize + Keras affine + rescale in 2 DataLoader workers), ``data/cache_build`` (the one-off
                decoded cache), ``data/cached`` (the product: memory-mapped batch reads + batched Keras
-               affine in ``XRayDataModule.on_after_batch_transfer``) and ``data/cached_read`` (reads only).
+               affine in ``XRayDataModule.on_after_batch_transfer``) and ``data/cached_read`` (reads only),
+               naive and cached passes interleaved in one process.
     ``train``  one optimisation step of ``SeedCNN`` (BCE-with-logits, Adam) on random input, in fp32,
-               channels_last, bf16 autocast, both, and ``torch.compile`` of the fastest of those.
-    ``epoch``  one 500 px epoch over the training split through ``lightning.Trainer`` (product path),
-               and the naive path measured on a fraction of the epoch and extrapolated.
+               channels_last, bf16 autocast and both, interleaved step by step in one process; then
+               ``torch.compile`` of the fastest, interleaved with its eager twin; at 224 px the fastest
+               with one thread. GFLOP/s from ``FlopCounterMode``, next to a GEMM ceiling of the same run.
+    ``epoch``  (``--only epoch``) one 500 px epoch over the training split through ``lightning.Trainer``
+               (product path), and the naive path on a fraction of the epoch, extrapolated.
 
-Every measurement runs in its own subprocess (``--in-process`` turns this off), so ``peak_rss_mb`` is
-that measurement's own peak resident set (``ru_maxrss``); DataLoader / cache-build worker processes are
-reported separately as ``workers_peak_rss_mb`` (the largest single child). Variants are measured one
-after the other in one run, so compare the ratios within a run rather than absolute numbers across runs.
+``+mallopt`` rows repeat the product's data path / the fastest training variant in a process that called
+:func:`keep_freed_memory` (glibc keeps freed large blocks instead of unmapping them).
+
+Each section (and size) runs in its own subprocess (``--in-process`` turns this off). ``peak_rss_mb`` is
+the peak RSS sampled while that variant ran (``RssSampler``); for epoch rows the process peak
+(``ru_maxrss``; ``rss_scope`` says which). ``workers_peak_rss_mb``: the largest worker process.
+``others_cpu_pct`` is the share of the CPUs that other processes used during the measurement: the
+machines are shared, so compare ratios within a run and distrust rows where it is high.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ TRAIN_VARIANTS: dict[str, dict[str, bool]] = {
 }
 
 RESULT_MARK = "@@BENCHMARK-RESULT@@"
+SAMPLED = "sampled while this variant ran"
 
 Row = dict[str, Any]
 
@@ -378,6 +387,7 @@ def bench_data(
                 "seconds": round(build_s, 3),
                 "images": len(cache.paths),
                 "peak_rss_mb": sampler.peak("data/cache_build"),
+                "rss_scope": SAMPLED,
                 "workers_peak_rss_mb": children_peak_rss_mb(),
                 "note": f"one-off, {num_workers} procs, {len(cache.paths)} files",
             }
@@ -459,6 +469,7 @@ def bench_data(
                     "images_per_s": round(statistics.median(values), 2),
                     "rounds": [round(v, 1) for v in values],
                     "peak_rss_mb": sampler.peak(name),
+                    "rss_scope": SAMPLED,
                     **({"workers_peak_rss_mb": children_peak_rss_mb()} if name == "data/naive" else {}),
                     **({"read_image_calls": decodes} if name != "data/naive" else {}),
                     "note": notes[name] + f"; {len(values)} rounds",
@@ -579,6 +590,7 @@ def _train_row(
         "step_s": [round(t, 3) for t in timed],
         "warmup_s": [round(t, 3) for t in warm],
         "peak_rss_mb": sampler.peak(name),
+        "rss_scope": SAMPLED,
         **extra,
     }
 
@@ -882,7 +894,7 @@ def run_task(
             ]
         busy = probe.stop()
         for r in rows:
-            r.setdefault("rss_scope", "process so far")
+            r.setdefault("rss_scope", "process peak so far")
             r.setdefault("others_cpu_pct", busy)
         return rows
     cmd = [
@@ -910,7 +922,7 @@ def run_task(
         if line.startswith(RESULT_MARK):
             rows = json.loads(line[len(RESULT_MARK) :])
             for r in rows:
-                r.setdefault("rss_scope", "own subprocess")
+                r.setdefault("rss_scope", "process peak (own subprocess)")
                 r.setdefault("others_cpu_pct", busy)
             return rows
     tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])

@@ -98,6 +98,7 @@ def test_sample_mode_augments_in_the_dataset(dataset_root: Path, tmp_path: Path)
     dm = make_dm(dataset_root, tmp_path, augment_on="sample", augment={"rotation_range": 30.0})
     image, _, _ = dm.datasets["train"][0]
     assert image.dtype == torch.float32 and image.shape == (1, 32, 32)
+    assert image.min() >= 0.0 and image.max() <= 1.0  # rescaled like the batched path
 
 
 def test_balanced_sampler_balances(dataset_root: Path, tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def instantiate_list(section: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the metrics written to metrics.json."""
     validate_config(cfg)
-    if cfg.get("keep_freed_memory", False):
+    if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)

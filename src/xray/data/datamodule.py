@@ -29,7 +29,13 @@ from xray.constants import CLASSES
 from xray.data.cache import DecodedCache, build_cache, load_resized
 from xray.data.io import probe_image
 from xray.data.records import Record, class_counts, scan_split, split_by_patient
-from xray.transforms import KerasRandomAffine, keras_augment_batch, rescale, sample_keras_params
+from xray.transforms import (
+    KerasRandomAffine,
+    keras_augment_batch,
+    rescale,
+    sample_keras_params,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +248,7 @@ class XRayDataModule(LightningDataModule):
             cache, rows = checked[sources[split]]
             sample_transform = None
             if split == "train" and self.augment and self.augment_on == "sample":
-                sample_transform = KerasRandomAffine(**self.augment)
+                sample_transform = train_transform(self.augment)  # affine, flips, then rescale
             self.datasets[split] = XRayDataset(
                 records,
                 self.image_size,
