@@ -104,7 +104,9 @@ def build_cache(
         array.flush()
         del array
         os.replace(tmp_array, array_path)
-        tmp_manifest = manifest_path.with_suffix(".json.tmp")
+        tmp_manifest = manifest_path.with_name(
+            f"{manifest_path.stem}.{os.getpid()}.json.tmp"
+        )  # ranks build at once
         tmp_manifest.write_text(
             json.dumps(
                 {
