@@ -51,7 +51,7 @@ def _decode_one(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str | No
     try:
         return load_resized(path, image_size, interpolation), None
     except ImageReadError as err:
-        return None, err.reason if hasattr(err, "reason") else str(err)
+        return None, err.reason
 
 
 def cache_key(paths: Sequence[str | Path], image_size: int, interpolation: str) -> str:
