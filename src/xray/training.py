@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
     if best_path is not None and best_path.exists():
         state = load_checkpoint_file(best_path)  # the safe loader, also for our own files
