@@ -53,8 +53,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.optimizer.lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "model.label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "evaluation.threshold_rule": (
-        lambda v: v in ("youden", "sensitivity", "fixed"),
-        "youden, sensitivity or fixed",
+        lambda v: v in ("youden", "shift_youden", "sensitivity", "fixed"),
+        "youden, shift_youden, sensitivity or fixed",
     ),
     "evaluation.target_sensitivity": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     "evaluation.n_bootstrap": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

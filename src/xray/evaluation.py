@@ -519,7 +519,8 @@ def render_report(
 
     # -- metrics
     lines += ["## Metrics", ""]
-    splits = _ordered([s for s in results if s != "train"]) or _ordered(list(results))
+    evaluated = [s for s in results if isinstance(results[s], Mapping) and "at_threshold" in results[s]]
+    splits = _ordered([s for s in evaluated if s != "train"]) or _ordered(evaluated)
     if splits:
         header, columns = ["metric"], []
         for split in splits:
@@ -552,6 +553,21 @@ def render_report(
     else:
         lines.append("No evaluation results were given.")
     lines.append("")
+    calibration = results.get("calibration")
+    if calibration:
+        lines += [
+            "## Calibration (temperature scaling on validation)",
+            "",
+            f"Temperature {_num(calibration.get('temperature'))}: validation log loss "
+            f"{_num(calibration.get('log_loss_before'))} -> {_num(calibration.get('log_loss_after'))}, "
+            f"ECE {_num(calibration.get('ece_before'))} -> {_num(calibration.get('ece_after'))}. "
+            "Probabilities above are calibrated; the ranking (AUROC) is unchanged.",
+            "",
+        ]
+    if results.get("val_shift"):
+        from xray.shifts import render_shift_table
+
+        lines += ["## Shift validation", "", render_shift_table(results["val_shift"]), ""]
 
     # -- anchors
     lines += [

@@ -70,6 +70,7 @@ class XRayClassifier(LightningModule):
         self.scheduler_factory = scheduler
         self.threshold = float(threshold)
         self.threshold_rule = "fixed"
+        self.temperature = 1.0  # fitted on validation logits after training (xray.calibration)
         self.preprocessing: dict[str, Any] = {}
         self.register_buffer("pos_weight", torch.ones(()), persistent=False)
         self.train_metrics = MetricCollection(
@@ -81,6 +82,7 @@ class XRayClassifier(LightningModule):
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         # every evaluated probability, gathered across processes: threshold choice, plots, reports
         self.eval_probs = CatMetric()
+        self.eval_logits = CatMetric()
         self.eval_labels = CatMetric()
         self.eval_index = CatMetric()
 
@@ -143,11 +145,12 @@ class XRayClassifier(LightningModule):
         images, labels, index = batch
         logits = self(images).float()
         loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=self.pos_weight)
-        probs = torch.sigmoid(logits)
+        probs = torch.sigmoid(logits / self.temperature)
         metrics["acc"].update(probs, labels)
         metrics["auroc"].update(probs, labels)
         metrics["n"].update(torch.ones_like(probs))
         self.eval_probs.update(probs)
+        self.eval_logits.update(logits)
         self.eval_labels.update(labels.float())
         self.eval_index.update(torch.as_tensor(index, device=probs.device).float())
         self.log(
@@ -202,7 +205,7 @@ class XRayClassifier(LightningModule):
         self.log_dict(values, on_epoch=True, rank_zero_only=True)
 
     def _reset_collected(self) -> None:
-        for metric in (self.eval_probs, self.eval_labels, self.eval_index):
+        for metric in (self.eval_probs, self.eval_logits, self.eval_labels, self.eval_index):
             metric.reset()
 
     def collected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -215,13 +218,19 @@ class XRayClassifier(LightningModule):
         index = self.eval_index.compute().flatten().long().cpu()
         return probs, labels, index
 
+    def collected_logits(self) -> torch.Tensor:
+        """Raw logits (before temperature) of the last validation or test epoch, in ``collected()`` order."""
+        if not self.eval_logits.update_called:
+            return torch.empty(0)
+        return self.eval_logits.compute().flatten().cpu()
+
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.sigmoid(self(images).float())
 
     # ----- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         kwargs: dict[str, Any] = {}
@@ -250,6 +259,7 @@ class XRayClassifier(LightningModule):
             "classes": list(CLASSES),
             "threshold": float(self.threshold),
             "threshold_rule": self.threshold_rule,
+            "temperature": float(self.temperature),
             "tta": bool(self.hparams.tta),
             # Lightning saves before the epoch's scheduler step and skips that step on resume
             "monitor_value": _float_or_none(self.trainer.callback_metrics.get(self.hparams.scheduler_monitor))
@@ -261,6 +271,7 @@ class XRayClassifier(LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         self.threshold = float(meta.get("threshold", self.threshold))
         self.threshold_rule = meta.get("threshold_rule", self.threshold_rule)
+        self.temperature = float(meta.get("temperature", self.temperature))
         self.preprocessing = dict(meta.get("preprocessing", self.preprocessing))
         self._resumed_monitor_value = meta.get("monitor_value")
 

@@ -14,9 +14,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
 from xray.config_checks import validate_config
-from xray.evaluation import choose_threshold, evaluate, write_metrics_json, write_report
+from xray.evaluation import (
+    choose_threshold,
+    classification_metrics,
+    evaluate,
+    write_metrics_json,
+    write_report,
+)
 from xray.reporting import write_plots
 from xray.runtime import keep_freed_memory
 
@@ -76,6 +83,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs_run": int(trainer.current_epoch),
         "threshold": model.threshold,
         "threshold_rule": model.threshold_rule,
+        "temperature": model.temperature,
+        "fold": datamodule.fold if datamodule.n_folds else None,
+        "n_folds": datamodule.n_folds,
         **results,
     }
     write_metrics_json(output_dir / "metrics.json", payload)
@@ -88,20 +98,53 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule: Any, best_path: Path | None):
-    """Validate the best weights, choose the threshold on validation, store it, then test."""
+    """Validate the best weights; fit the temperature and choose the threshold on validation (and its
+    shifted copies), store both in the checkpoint, write the validation predictions, then test."""
     ev = cfg.evaluation
     results: dict[str, Any] = {}
     extras: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     trainer.validate(model, datamodule=datamodule, verbose=False)
-    probs, labels, index = model.collected()
+    _, labels, index = model.collected()
+    logits = model.collected_logits()
+    model.temperature = fit_temperature(logits, labels) if ev.get("temperature", True) else 1.0
+    probs = apply_temperature(logits, model.temperature)
     extras["val"] = (probs, labels, index)
+    shifted = shift_validation_logits(model, datamodule, index, ev) if ev.get("shifts") else None
+    rule = str(ev.threshold_rule)
+    if rule == "shift_youden" and shifted is None:
+        raise ValueError("evaluation.threshold_rule=shift_youden needs evaluation.shifts=true")
+    if rule == "shift_youden":  # Youden's J on clean + shifted validation scores pooled
+        pooled = torch.cat(list(shifted.values()))
+        threshold_probs, threshold_labels = apply_temperature(pooled, model.temperature), labels.repeat(len(shifted))
+    else:
+        threshold_probs, threshold_labels = probs, labels
     model.threshold = choose_threshold(
-        probs, labels, rule=ev.threshold_rule, target_sensitivity=ev.target_sensitivity
+        threshold_probs,
+        threshold_labels,
+        rule="youden" if rule == "shift_youden" else rule,
+        target_sensitivity=ev.target_sensitivity,
     )
-    model.threshold_rule = str(ev.threshold_rule)
+    model.threshold_rule = rule
     if best_path is not None and best_path.exists() and trainer.is_global_zero:
-        update_checkpoint_meta(best_path, threshold=model.threshold, threshold_rule=model.threshold_rule)
+        update_checkpoint_meta(
+            best_path, threshold=model.threshold, threshold_rule=rule, temperature=model.temperature
+        )
     results["val"] = evaluate(probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed)
+    raw = torch.sigmoid(logits)
+    results["calibration"] = {
+        "temperature": model.temperature,
+        "log_loss_before": log_loss(logits, labels),
+        "log_loss_after": log_loss(logits, labels, model.temperature),
+        "ece_before": classification_metrics(raw, labels, model.threshold)["ece"],
+        "ece_after": results["val"]["at_threshold"]["ece"],
+    }
+    if shifted is not None:
+        from xray.shifts import log_shift_metrics, shift_metrics
+
+        results["val_shift"] = shift_metrics(shifted, labels, model.threshold, model.temperature)
+        log_shift_metrics(results["val_shift"], trainer.loggers, step=trainer.global_step)
+    if trainer.is_global_zero:
+        write_predictions(Path(cfg.paths.output_dir) / "val_predictions.csv", datamodule, index, labels, logits, probs)
     if cfg.get("test") and "test" in datamodule.datasets:
         trainer.test(model, datamodule=datamodule, verbose=False)
         probs, labels, index = model.collected()
@@ -110,6 +153,40 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
             probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed
         )
     return results, extras
+
+
+def shift_validation_logits(model: Any, datamodule: Any, index: torch.Tensor, ev: DictConfig) -> dict[str, torch.Tensor]:
+    """Logits of the validation images (in ``index`` order) clean and under each acquisition shift."""
+    from xray.shifts import shift_logits
+
+    dataset = datamodule.datasets["val"]
+    images = torch.stack([dataset.image(i) for i in index.tolist()])
+    was_training = model.training
+    model.eval()
+    try:
+        return shift_logits(
+            lambda x: model(x.to(model.device)).float(),
+            images,
+            seed=int(ev.get("shift_seed", 0)),
+            batch_size=int(datamodule.batch_size),
+        )
+    finally:
+        model.train(was_training)
+
+
+def write_predictions(
+    path: Path, datamodule: Any, index: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
+) -> Path:
+    """``val_predictions.csv``: path, label, raw logit, calibrated probability; what ``xray.cv`` pools."""
+    import csv
+
+    records = datamodule.datasets["val"].records
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "logit", "prob"])
+        for i, y, z, p in zip(index.tolist(), labels.tolist(), logits.tolist(), probs.tolist(), strict=True):
+            writer.writerow([str(records[i].path), int(y), f"{z:.6g}", f"{p:.6g}"])
+    return path
 
 
 def report_config(cfg: DictConfig, trainer: L.Trainer, model: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ __all__ = [
     "KerasAugmentParams",
     "KerasRandomAffine",
     "Rescale",
+    "appearance_augment_batch",
     "apply_affine",
     "eval_transform",
     "keras_affine_matrices",
@@ -544,3 +545,61 @@ def train_transform(aug: dict[str, Any] | None = None) -> v2.Compose:
 def eval_transform() -> v2.Compose:
     """Evaluation preset: rescale only (Keras's validation generator had ``rescale=1/255`` only)."""
     return v2.Compose([Rescale()])
+
+
+# --------------------------------------------------------------------------------------------------
+# Appearance augmentation (acquisition variation), batched on the training device
+# --------------------------------------------------------------------------------------------------
+
+
+def appearance_augment_batch(
+    images: torch.Tensor,
+    gamma: float = 0.0,
+    contrast: float = 0.0,
+    brightness: float = 0.0,
+    blur_p: float = 0.0,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random per-image exposure and quality changes of ``(B, C, H, W)`` floats in [0, 1].
+
+    Films from other machines differ in tone curve, contrast, exposure, sharpness and noise; the
+    Keras recipe only varies geometry. Each image draws: gamma = exp(U(-gamma, gamma)); contrast factor
+    1 + U(-contrast, contrast) about its own mean; brightness offset U(-brightness, brightness); with
+    probability ``blur_p`` a 3x3 Gaussian blur (sigma U(0.3, 1.2)); Gaussian noise with std
+    U(0, noise). Zero disables a term; the result is clamped to [0, 1].
+    """
+    b = images.shape[0]
+    opts = {"device": images.device, "dtype": images.dtype}
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        u = torch.rand(b, 1, 1, 1, generator=generator, device=images.device if generator is None else "cpu")
+        return (lo + (hi - lo) * u).to(**opts)
+
+    x = images
+    if gamma:
+        x = x.clamp(min=1e-6).pow(uniform(-gamma, gamma).exp())
+    if contrast:
+        mean = x.mean(dim=(-3, -2, -1), keepdim=True)
+        x = (x - mean) * (1 + uniform(-contrast, contrast)) + mean
+    if brightness:
+        x = x + uniform(-brightness, brightness)
+    if blur_p:
+        sigma = uniform(0.3, 1.2)
+        coords = torch.arange(-1, 2, **opts).view(1, 3)
+        kernel1d = torch.exp(-(coords**2) / (2 * sigma.view(b, 1) ** 2))
+        kernel1d = kernel1d / kernel1d.sum(dim=1, keepdim=True)
+        kernel = (kernel1d[:, :, None] * kernel1d[:, None, :]).unsqueeze(1)  # (B, 1, 3, 3)
+        c = x.shape[1]
+        blurred = F.conv2d(
+            F.pad(x.reshape(1, b * c, *x.shape[-2:]), (1, 1, 1, 1), mode="replicate"),
+            kernel.repeat_interleave(c, dim=0),
+            groups=b * c,
+        ).reshape(x.shape)
+        chosen = uniform(0.0, 1.0) < blur_p
+        x = torch.where(chosen, blurred, x)
+    if noise:
+        std = uniform(0.0, noise)
+        gauss = torch.randn(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
+        x = x + std * gauss.to(**opts)
+    return x.clamp(0.0, 1.0)

@@ -28,9 +28,10 @@ from torch.utils.data import (
 from xray.constants import CLASSES
 from xray.data.cache import DecodedCache, build_cache, load_resized
 from xray.data.io import probe_image
-from xray.data.records import Record, class_counts, scan_split, split_by_patient
+from xray.data.records import Record, class_counts, patient_folds, scan_split, split_by_patient
 from xray.transforms import (
     KerasRandomAffine,
+    appearance_augment_batch,
     keras_augment_batch,
     rescale,
     sample_keras_params,
@@ -144,9 +145,12 @@ class XRayDataModule(LightningDataModule):
         val_source: str = "split",
         val_fraction: float = 0.1,
         split_seed: int = 42,
+        n_folds: int | None = None,
+        fold: int = 0,
         train_limit_per_class: int | None = None,
         augment: dict[str, Any] | None = DEFAULT_AUGMENT,
         augment_on: str = "batch",
+        appearance: dict[str, float] | None = None,
         balanced_sampler: bool = False,
         skip_bad_images: bool = False,
         cache: bool = True,
@@ -165,6 +169,10 @@ class XRayDataModule(LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if val_source not in ("split", "official"):
             raise ValueError(f"data.val_source must be 'split' or 'official', got {val_source!r}")
+        if n_folds is not None and (n_folds < 2 or not 0 <= fold < n_folds):
+            raise ValueError(f"data.fold must be in [0, data.n_folds) with n_folds >= 2, got {fold} of {n_folds}")
+        if n_folds is not None and val_source != "split":
+            raise ValueError("data.n_folds needs data.val_source=split (folds are carved from train/)")
         if augment_on not in ("batch", "sample"):
             raise ValueError(f"data.augment_on must be 'batch' or 'sample', got {augment_on!r}")
         self.root = Path(root).expanduser()
@@ -175,11 +183,16 @@ class XRayDataModule(LightningDataModule):
         self.val_source = val_source
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
+        self.n_folds = None if n_folds is None else int(n_folds)
+        self.fold = int(fold)
         self.train_limit_per_class = train_limit_per_class
         self.augment = dict(augment) if augment else None
         if self.augment:
             KerasRandomAffine(**self.augment)  # validate the Keras parameters now, before any data is read
         self.augment_on = augment_on
+        self.appearance = dict(appearance) if appearance else None
+        if self.appearance:
+            appearance_augment_batch(torch.zeros(1, 1, 8, 8), **self.appearance)  # unknown keys fail now
         self.balanced_sampler = balanced_sampler
         self.skip_bad_images = skip_bad_images
         self.cache = cache
@@ -232,6 +245,10 @@ class XRayDataModule(LightningDataModule):
         checked = {name: self._check_folder(name, records) for name, records in folders.items()}
         if self.val_source == "official":
             train, val = folders["train"], folders["val"]
+        elif self.n_folds is not None:
+            folds = patient_folds(folders["train"], self.n_folds, self.split_seed)
+            train = [r for r, f in zip(folders["train"], folds, strict=True) if f != self.fold]
+            val = [r for r, f in zip(folders["train"], folds, strict=True) if f == self.fold]
         else:
             train, val = split_by_patient(folders["train"], self.val_fraction, self.split_seed)
         if self.train_limit_per_class:
@@ -363,4 +380,6 @@ class XRayDataModule(LightningDataModule):
                 **{k: v for k, v in self.augment.items() if k != "fill_mode"},
             )
             images = keras_augment_batch(images, params)
+        if training and self.appearance:
+            images = appearance_augment_batch(images, **self.appearance)
         return images, labels, index

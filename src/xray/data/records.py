@@ -113,6 +113,40 @@ def split_by_patient(
     return train, val
 
 
+def patient_folds(records: Sequence[Record], n_folds: int, seed: int = 42) -> list[int]:
+    """Fold number of each record: stratified by class, grouped by patient, seeded.
+
+    Patients are grouped by their majority label; each label's patients are shuffled (seeded), then
+    taken largest first (ties in shuffled order) and each given to the fold holding the fewest images
+    of that label so far. Every record is in exactly one fold, a patient's films all in the same one,
+    and each fold's class mix is close to the whole split's.
+    """
+    if n_folds < 2:
+        raise ValueError(f"data.n_folds must be at least 2, got {n_folds}")
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        groups[record.patient].append(i)
+    by_label: dict[int, list[str]] = defaultdict(list)
+    for patient, members in sorted(groups.items()):
+        majority = Counter(records[i].label for i in members).most_common(1)[0][0]
+        by_label[majority].append(patient)
+    if len(groups) < n_folds:
+        raise ValueError(f"data.n_folds={n_folds} is more than the {len(groups)} patients in the split")
+    rng = random.Random(seed)
+    fold_of = [0] * len(records)
+    for label in sorted(by_label):
+        patients = by_label[label]
+        rng.shuffle(patients)
+        patients.sort(key=lambda p: -len(groups[p]))  # stable: equal sizes keep the shuffled order
+        load = [0] * n_folds
+        for patient in patients:
+            fold = min(range(n_folds), key=lambda f: (load[f], f))
+            load[fold] += len(groups[patient])
+            for i in groups[patient]:
+                fold_of[i] = fold
+    return fold_of
+
+
 def class_counts(records: Iterable[Record]) -> dict[str, int]:
     """Images per class name, every class present (zero if absent)."""
     counts = Counter(r.label for r in records)

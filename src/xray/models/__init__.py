@@ -7,11 +7,16 @@ from typing import Any
 from torch import nn
 
 from xray.models.backbones import TorchvisionNet
+from xray.models.efficientnet_lite import EfficientNetLite
 from xray.models.seed_cnn import SeedCNN
 
 MAX_INT, MAX_LIST = 4096, 16
 
-NETS: dict[str, type[nn.Module]] = {"SeedCNN": SeedCNN, "TorchvisionNet": TorchvisionNet}
+NETS: dict[str, type[nn.Module]] = {
+    "SeedCNN": SeedCNN,
+    "TorchvisionNet": TorchvisionNet,
+    "EfficientNetLite": EfficientNetLite,
+}
 
 
 def build_net(config: dict[str, Any]) -> nn.Module:
@@ -27,4 +32,4 @@ def build_net(config: dict[str, Any]) -> nn.Module:
     return NETS[name](**config)
 
 
-__all__ = ["NETS", "SeedCNN", "TorchvisionNet", "build_net"]
+__all__ = ["NETS", "EfficientNetLite", "SeedCNN", "TorchvisionNet", "build_net"]

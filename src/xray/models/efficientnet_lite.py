@@ -116,6 +116,7 @@ class EfficientNetLite(nn.Module):
         pretrained: bool = False,
         dropout: float = 0.2,
         normalize: bool = True,
+        freeze_blocks: int = 0,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -127,6 +128,7 @@ class EfficientNetLite(nn.Module):
             "pretrained": False,  # rebuilding from a checkpoint never needs the weights package
             "dropout": float(dropout),
             "normalize": bool(normalize),
+            "freeze_blocks": int(freeze_blocks),
         }
         width, depth, _ = VARIANTS[variant]
         layers: list[nn.Module] = [_conv(in_channels, 32, 3, 2)]
@@ -142,8 +144,19 @@ class EfficientNetLite(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(1280, 1)
         self.normalize = normalize
+        if not 0 <= freeze_blocks <= len(self.features):
+            raise ValueError(f"model.net.freeze_blocks must be in [0, {len(self.features)}], got {freeze_blocks}")
+        self.freeze_blocks = int(freeze_blocks)
+        for param in self.features[: self.freeze_blocks].parameters():
+            param.requires_grad_(False)
         if pretrained:
             load_offline_weights(self, variant)
+
+    def train(self, mode: bool = True) -> EfficientNetLite:
+        """Frozen blocks stay in eval mode: their batch-norm statistics keep the ImageNet values."""
+        super().train(mode)
+        self.features[: self.freeze_blocks].eval()
+        return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, 1280) pooled features."""

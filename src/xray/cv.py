@@ -1,0 +1,697 @@
+"""Cross-validation report: pool the out-of-fold predictions of k fold runs into one estimate.
+
+``python train.py -m data.n_folds=5 data.fold=0,1,2,3,4`` trains k models, each validated on one
+patient-grouped fold of the training split. Every training image is then scored exactly once by a
+model that never saw its patient, so the pooled out-of-fold (OOF) predictions give a k-times larger
+validation set than any single run: one temperature and one threshold are fitted on it, and the
+per-fold spread shows how much a single run's numbers can be trusted.
+
+    python -m xray.cv logs/train/multiruns/<timestamp> [--threshold-rule youden] [--n-bootstrap 1000]
+
+writes ``cv_metrics.json`` and ``cv_report.md`` into the multirun folder (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xray.calibration import apply_temperature, fit_temperature, log_loss
+from xray.evaluation import (
+    THRESHOLD_RULES,
+    choose_threshold,
+    classification_metrics,
+    evaluate,
+    write_metrics_json,
+)
+
+__all__ = [
+    "FOLD_METRICS",
+    "PREDICTIONS_FILE",
+    "SHIFT_METRICS",
+    "CVError",
+    "FoldRun",
+    "Predictions",
+    "aggregate",
+    "check_runs",
+    "find_fold_runs",
+    "main",
+    "render_cv_report",
+    "write_cv_report",
+]
+
+PREDICTIONS_FILE = "val_predictions.csv"
+METRICS_FILE = "metrics.json"
+# Per-fold columns: the run's own clean validation metrics, and the mean over its shifted validations.
+FOLD_METRICS: tuple[str, ...] = ("auroc", "accuracy", "sensitivity", "specificity", "log_loss", "brier")
+SHIFT_METRICS: tuple[str, ...] = ("auroc", "log_loss", "brier", "sensitivity", "specificity")
+_LABELS = {
+    "auroc": "AUROC",
+    "accuracy": "accuracy",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "log_loss": "log loss",
+    "brier": "Brier",
+}
+
+
+class CVError(ValueError):
+    """The fold runs cannot be aggregated; the one-line message names the path or fold at fault."""
+
+
+@dataclass
+class Predictions:
+    """One run's validation predictions, as written to ``val_predictions.csv``."""
+
+    paths: list[str]
+    labels: Tensor  # int64, 0 NORMAL / 1 PNEUMONIA
+    logits: Tensor  # float64, raw (TTA-averaged) logits, before any temperature
+    probs: Tensor  # float64, the run's own sigmoid(logit / T)
+
+
+@dataclass
+class FoldRun:
+    """A training run that held out fold ``fold`` of ``n_folds`` as its validation set."""
+
+    run_dir: Path
+    fold: int
+    n_folds: int
+    predictions: Predictions
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def _read_predictions(path: Path) -> Predictions:
+    """Parse ``val_predictions.csv``; any malformed row is an error naming the file and line."""
+    paths: list[str] = []
+    labels: list[int] = []
+    logits: list[float] = []
+    probs: list[float] = []
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("path", "label", "logit") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise CVError(f"{path}: missing column(s) {missing}; expected header path,label,logit,prob")
+            for row in reader:
+                line = reader.line_num
+                try:
+                    label = float(row["label"])
+                    logit = float(row["logit"])
+                    prob = float(row["prob"]) if row.get("prob") not in (None, "") else math.nan
+                except (TypeError, ValueError):
+                    raise CVError(f"{path}:{line}: label/logit/prob is not a number") from None
+                if label not in (0.0, 1.0):
+                    raise CVError(
+                        f"{path}:{line}: label must be 0 (NORMAL) or 1 (PNEUMONIA), got {row['label']}"
+                    )
+                if not math.isfinite(logit):
+                    raise CVError(f"{path}:{line}: logit is not finite ({row['logit']})")
+                paths.append(row["path"])
+                labels.append(int(label))
+                logits.append(logit)
+                probs.append(prob)
+    except OSError as err:
+        raise CVError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise CVError(f"{path}: not a UTF-8 CSV file") from None
+    if not paths:
+        raise CVError(f"{path}: no predictions (empty file)")
+    if len(set(paths)) != len(paths):
+        dup = next(p for i, p in enumerate(paths) if p in paths[:i])
+        raise CVError(f"{path}: image {dup!r} appears more than once")
+    prob_t = torch.tensor(probs, dtype=torch.float64)
+    if not bool(torch.isfinite(prob_t).all()):  # no prob column: rebuild it as sigmoid(logit) (T = 1)
+        prob_t = torch.where(
+            torch.isfinite(prob_t), prob_t, torch.sigmoid(torch.tensor(logits, dtype=torch.float64))
+        )
+    return Predictions(
+        paths=paths,
+        labels=torch.tensor(labels, dtype=torch.int64),
+        logits=torch.tensor(logits, dtype=torch.float64),
+        probs=prob_t.clamp(0.0, 1.0),
+    )
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CVError(f"{path}: not found (each run directory needs its metrics.json)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CVError(f"{path}: cannot read metrics.json ({err})") from None
+    if not isinstance(data, dict):
+        raise CVError(f"{path}: metrics.json does not hold a JSON object")
+    return data
+
+
+def _int_or_none(value: Any, what: str, path: Path) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise CVError(f"{path}: {what} must be an integer or null, got {value!r}")
+    return int(value)
+
+
+def _load_run(run_dir: Path) -> FoldRun:
+    metrics_path = run_dir / METRICS_FILE
+    metrics = _read_metrics(metrics_path)
+    fold = _int_or_none(metrics.get("fold"), "fold", metrics_path)
+    n_folds = _int_or_none(metrics.get("n_folds"), "n_folds", metrics_path)
+    if fold is None or n_folds is None:
+        raise CVError(
+            f"{metrics_path}: not a cross-validation run (fold={fold}, n_folds={n_folds}); "
+            "train with data.n_folds=K data.fold=i"
+        )
+    if n_folds < 2 or not 0 <= fold < n_folds:
+        raise CVError(f"{metrics_path}: fold {fold} is not in [0, n_folds) with n_folds={n_folds} >= 2")
+    predictions = _read_predictions(run_dir / PREDICTIONS_FILE)
+    return FoldRun(run_dir=run_dir, fold=fold, n_folds=n_folds, predictions=predictions, metrics=metrics)
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    """``path`` itself when it is a run directory, else every folder below it holding the predictions."""
+    if not path.exists():
+        raise CVError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CVError(f"{path}: not a directory (give a multirun folder or run directories)")
+    if (path / PREDICTIONS_FILE).is_file():
+        return [path]
+    found = sorted(p.parent for p in path.rglob(PREDICTIONS_FILE) if p.is_file())
+    if not found:
+        raise CVError(f"{path}: no run directory with {PREDICTIONS_FILE} found below it")
+    return found
+
+
+def check_runs(runs: Sequence[FoldRun]) -> None:
+    """The runs must form (part of) one k-fold split: same k, distinct folds, disjoint validation sets."""
+    if not runs:
+        raise CVError("no fold runs to aggregate")
+    first = runs[0]
+    by_fold: dict[int, FoldRun] = {}
+    owner: dict[str, FoldRun] = {}
+    for run in runs:
+        if run.n_folds != first.n_folds:
+            raise CVError(
+                f"{run.run_dir}: n_folds={run.n_folds} but {first.run_dir} has n_folds={first.n_folds} "
+                "(runs from different cross-validations)"
+            )
+        if run.fold in by_fold:
+            raise CVError(f"{run.run_dir}: fold {run.fold} is also held out by {by_fold[run.fold].run_dir}")
+        by_fold[run.fold] = run
+        for image in run.predictions.paths:
+            other = owner.get(image)
+            if other is not None:
+                raise CVError(
+                    f"{run.run_dir}: image {image!r} is also in the validation set of {other.run_dir} "
+                    f"(folds {other.fold} and {run.fold} overlap; folds must be disjoint)"
+                )
+            owner[image] = run
+
+
+def find_fold_runs(paths: Iterable[str | Path]) -> list[FoldRun]:
+    """Fold runs under ``paths`` (multirun folders or run directories), sorted by fold and checked.
+
+    Raises CVError when nothing is found, the runs disagree on k, a fold appears twice or two folds'
+    validation sets share an image. Missing folds are allowed (``aggregate`` warns about them).
+    """
+    dirs: list[Path] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        for d in _run_dirs(Path(raw)):
+            key = d.resolve()
+            if key not in seen:  # a multirun folder and one of its own runs given together
+                seen.add(key)
+                dirs.append(d)
+    if not dirs:
+        raise CVError("no run directories given")
+    runs = sorted((_load_run(d) for d in dirs), key=lambda r: r.fold)
+    check_runs(runs)
+    return runs
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def _as_float(value: Any) -> float | None:
+    """A metric value from metrics.json: a number, or a ``{"value": x, "ci": ...}`` dict; null -> None."""
+    if isinstance(value, Mapping):
+        value = value.get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _lookup(section: Any, name: str) -> float | None:
+    """``name`` from a metrics section in any format a run writes: flat, ``{"value"}``, or evaluate()'s."""
+    if not isinstance(section, Mapping):
+        return None
+    value = _as_float(section.get(name))
+    if value is None and isinstance(section.get("at_threshold"), Mapping):
+        value = _as_float(section["at_threshold"].get(name))  # evaluate(): metrics at the run's threshold
+    return value
+
+
+def _run_threshold(run: FoldRun) -> float:
+    for value in (run.metrics.get("threshold"), (run.metrics.get("val") or {}).get("threshold")):
+        v = _as_float(value)
+        if v is not None:
+            return v
+    return 0.5
+
+
+def _own_metrics(run: FoldRun) -> tuple[dict[str, float | None], list[str]]:
+    """The run's own validation metrics (its threshold and temperature); gaps filled from its CSV.
+
+    evaluate()'s format has no log loss, so it is read from ``calibration.log_loss_after``. Anything
+    still missing (older runs) is recomputed from the CSV's ``prob`` column, the run's own calibrated
+    output, at the run's threshold. Returns the metrics and the names that were recomputed.
+    """
+    val = run.metrics.get("val")
+    own = {name: _lookup(val, name) for name in FOLD_METRICS}
+    if own["log_loss"] is None:  # evaluate() has no log loss: training stores it beside, in "calibration"
+        own["log_loss"] = _as_float((run.metrics.get("calibration") or {}).get("log_loss_after"))
+    recomputed = [name for name, v in own.items() if v is None]
+    if recomputed:
+        p, y = run.predictions.probs, run.predictions.labels
+        fresh: dict[str, float] = dict(classification_metrics(p, y, _run_threshold(run)))
+        fresh["log_loss"] = float(F.binary_cross_entropy(p, y.double()))
+        for name in recomputed:
+            value = fresh.get(name)
+            own[name] = value if value is not None and math.isfinite(value) else None
+    return own, recomputed
+
+
+def _shift_metrics(run: FoldRun) -> dict[str, float | None] | None:
+    shift = run.metrics.get("val_shift")
+    if not isinstance(shift, Mapping) or not isinstance(shift.get("mean"), Mapping):
+        return None
+    return {name: _lookup(shift["mean"], name) for name in SHIFT_METRICS}
+
+
+def _at_operating_point(
+    logits: Tensor, labels: Tensor, temperature: float, threshold: float
+) -> dict[str, Any]:
+    m: dict[str, Any] = dict(
+        classification_metrics(apply_temperature(logits, temperature), labels, threshold)
+    )
+    m["log_loss"] = log_loss(logits, labels, temperature)
+    return m
+
+
+def _mean_std(values: Iterable[float | None]) -> dict[str, Any]:
+    """Mean and sample std (ddof=1) over the folds where the value exists; std needs two folds."""
+    xs = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    return {
+        "mean": float(xs.mean()) if xs.size else None,
+        "std": float(xs.std(ddof=1)) if xs.size >= 2 else None,
+        "n": int(xs.size),
+    }
+
+
+def _summary(rows: Sequence[Mapping[str, Any] | None], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    return {name: _mean_std((row or {}).get(name) for row in rows) for name in names}
+
+
+def aggregate(
+    runs: Sequence[FoldRun],
+    threshold_rule: str = "youden",
+    target_sensitivity: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Pooled out-of-fold metrics at one fitted temperature and threshold, plus per-fold rows.
+
+    One temperature is fitted on all OOF logits and the threshold chosen on the calibrated OOF
+    probabilities (the k runs' own thresholds were each fitted on one small fold). Returns a
+    JSON-ready dict (what ``cv_metrics.json`` holds).
+    """
+    if threshold_rule not in THRESHOLD_RULES:
+        raise CVError(f"unknown threshold rule {threshold_rule!r}; expected one of {list(THRESHOLD_RULES)}")
+    if threshold_rule == "sensitivity" and not 0.0 < target_sensitivity <= 1.0:
+        raise CVError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    if n_bootstrap < 1:
+        raise CVError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    runs = sorted(runs, key=lambda r: r.fold)
+    check_runs(runs)
+    n_folds = runs[0].n_folds
+    present = [r.fold for r in runs]
+    missing = [f for f in range(n_folds) if f not in present]
+    warnings = []
+    if missing:
+        warnings.append(
+            f"only {len(runs)} of {n_folds} folds found (missing fold(s) {missing}): the pooled set "
+            "covers part of the training split only"
+        )
+
+    logits = torch.cat([r.predictions.logits for r in runs])
+    labels = torch.cat([r.predictions.labels for r in runs])
+    run_probs = torch.cat([r.predictions.probs for r in runs])
+    temperature = fit_temperature(logits, labels)
+    probs = apply_temperature(logits, temperature)
+    threshold = choose_threshold(probs, labels, rule=threshold_rule, target_sensitivity=target_sensitivity)
+    pooled = evaluate(probs, labels, threshold, n_boot=n_bootstrap, seed=seed)
+    pooled["log_loss"] = log_loss(logits, labels, temperature)
+
+    raw = classification_metrics(torch.sigmoid(logits), labels, threshold)
+    per_run = classification_metrics(run_probs, labels, threshold)
+    calibration = {
+        "uncalibrated": {
+            "temperature": 1.0,
+            "log_loss": log_loss(logits, labels, 1.0),
+            "ece": raw["ece"],
+            "brier": raw["brier"],
+        },
+        "per_run_temperature": {
+            "log_loss": float(F.binary_cross_entropy(run_probs, labels.double())),
+            "ece": per_run["ece"],
+            "brier": per_run["brier"],
+        },
+        "pooled_temperature": {
+            "temperature": temperature,
+            "log_loss": pooled["log_loss"],
+            "ece": pooled["at_threshold"]["ece"],
+            "brier": pooled["at_threshold"]["brier"],
+        },
+    }
+
+    folds: list[dict[str, Any]] = []
+    for run in runs:
+        own, recomputed = _own_metrics(run)
+        at_pooled = _at_operating_point(
+            run.predictions.logits, run.predictions.labels, temperature, threshold
+        )
+        folds.append(
+            {
+                "fold": run.fold,
+                "run_dir": str(run.run_dir),
+                "n": int(run.predictions.labels.numel()),
+                "n_pos": int(run.predictions.labels.sum()),
+                "threshold": _run_threshold(run),
+                "temperature": _as_float(run.metrics.get("temperature")),
+                "val": own,
+                "recomputed_from_csv": recomputed,
+                "val_shift_mean": _shift_metrics(run),
+                "at_pooled_operating_point": {k: at_pooled[k] for k in FOLD_METRICS},
+            }
+        )
+
+    return {
+        "n_folds": n_folds,
+        "folds_present": present,
+        "folds_missing": missing,
+        "warnings": warnings,
+        "n_images": int(labels.numel()),
+        "n_pos": int(labels.sum()),
+        "threshold_rule": threshold_rule,
+        "target_sensitivity": float(target_sensitivity) if threshold_rule == "sensitivity" else None,
+        "threshold": float(threshold),
+        "temperature": float(temperature),
+        "pooled": pooled,
+        "calibration": calibration,
+        "folds": folds,
+        "fold_summary": {
+            "val": _summary([f["val"] for f in folds], FOLD_METRICS),
+            "val_shift_mean": _summary([f["val_shift_mean"] for f in folds], SHIFT_METRICS),
+            "at_pooled_operating_point": _summary(
+                [f["at_pooled_operating_point"] for f in folds], FOLD_METRICS
+            ),
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------- report
+_POOLED_ROWS: tuple[tuple[str, str], ...] = (
+    ("auroc", "AUROC"),
+    ("accuracy", "Accuracy"),
+    ("sensitivity", "Sensitivity (recall PNEUMONIA)"),
+    ("specificity", "Specificity"),
+    ("ppv", "PPV (precision)"),
+    ("npv", "NPV"),
+    ("f1", "F1"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("average_precision", "Average precision"),
+    ("brier", "Brier score"),
+    ("ece", "ECE (15 bins)"),
+)
+_THRESHOLD_FREE = frozenset({"auroc", "average_precision", "brier", "ece"})
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{float(x):.{digits}f}"
+
+
+def _with_ci(value: Any, ci: Sequence[Any] | None) -> str:
+    text = _num(value)
+    if (
+        text != "n/a"
+        and ci is not None
+        and len(ci) == 2
+        and all(c is not None and math.isfinite(c) for c in ci)
+    ):
+        text += f" ({ci[0]:.3f}-{ci[1]:.3f})"
+    return text
+
+
+def _mean_pm_std(stat: Mapping[str, Any]) -> str:
+    if stat.get("mean") is None:
+        return "n/a"
+    std = stat.get("std")
+    return _num(stat["mean"]) + (f" ± {std:.3f}" if std is not None else " ± n/a")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * left + "---:|" * (len(header) - left)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _confidence(temperature: float) -> str:
+    if temperature > 1.0:
+        return "T > 1: the raw logits were over-confident and are softened"
+    if temperature < 1.0:
+        return "T < 1: the raw logits were under-confident and are sharpened"
+    return "T = 1: no change"
+
+
+def render_cv_report(result: Mapping[str, Any]) -> str:
+    """``cv_report.md`` text for an :func:`aggregate` result."""
+    k, n_present = result["n_folds"], len(result["folds_present"])
+    pooled, cal = result["pooled"], result["calibration"]
+    rule = result["threshold_rule"]
+    if rule == "sensitivity":
+        rule += f" (target sensitivity {result['target_sensitivity']:.2f})"
+    lines = [f"# Cross-validation report: {k}-fold, out-of-fold", ""]
+    lines += [
+        f"{n_present} of {k} folds, {result['n_images']} out-of-fold validation images "
+        f"({result['n_pos']} PNEUMONIA, {result['n_images'] - result['n_pos']} NORMAL).",
+        "",
+    ]
+    lines += [f"> **Warning:** {w}" for w in result["warnings"]]
+    if result["warnings"]:
+        lines.append("")
+
+    # -- pooled
+    lines += ["## Pooled out-of-fold metrics", ""]
+    ci = pooled.get("ci") or {}
+    t = result["threshold"]
+    rows = []
+    for key, label in _POOLED_ROWS:
+        at_half = (pooled["at_0.5"] or {}).get(key)
+        at_t = (pooled["at_threshold"] or {}).get(key)
+        rows.append(
+            [
+                label,
+                _with_ci(at_half, ci.get(key) if key in _THRESHOLD_FREE else None),
+                _with_ci(at_t, ci.get(key)),
+            ]
+        )
+    rows.append(["Log loss", _num(pooled.get("log_loss")), _num(pooled.get("log_loss"))])
+    rows.append(
+        ["TN/FP/FN/TP"]
+        + [
+            "/".join(str(pooled[w].get(c, "?")) for c in ("tn", "fp", "fn", "tp"))
+            for w in ("at_0.5", "at_threshold")
+        ]
+    )
+    lines += _table(["metric", "@ 0.5", f"@ {_num(t, 4)} (95% CI)"], rows)
+    boot = pooled.get("bootstrap") or {}
+    lines += [
+        "",
+        f"Probabilities are sigmoid(logit / {_num(result['temperature'])}). Intervals: percentile bootstrap "
+        f"over images ({boot.get('n_boot')} resamples, seed {boot.get('seed')}); PNEUMONIA is the positive "
+        "class; a case is positive when p >= threshold.",
+        "",
+    ]
+
+    # -- operating point and calibration
+    lines += ["## Operating point and calibration", ""]
+    lines += [
+        f"- Threshold: **{_num(t, 4)}**, rule {rule}, chosen on the pooled calibrated out-of-fold probabilities.",
+        f"- Temperature: **{_num(result['temperature'])}**, fitted once on the pooled out-of-fold logits "
+        f"({_confidence(result['temperature'])}).",
+        "",
+    ]
+    cal_rows = [
+        ["uncalibrated (T = 1)", "1.000"]
+        + [_num(cal["uncalibrated"][m]) for m in ("log_loss", "ece", "brier")],
+        ["each run's own T", "per run"]
+        + [_num(cal["per_run_temperature"][m]) for m in ("log_loss", "ece", "brier")],
+        ["pooled T", _num(result["temperature"])]
+        + [_num(cal["pooled_temperature"][m]) for m in ("log_loss", "ece", "brier")],
+    ]
+    lines += _table(["probabilities", "T", "log loss", "ECE (15 bins)", "Brier"], cal_rows)
+    lines.append("")
+
+    # -- per fold, own operating points
+    folds, summary = result["folds"], result["fold_summary"]
+    lines += ["## Per-fold metrics (each run's own threshold and temperature)", ""]
+    header = ["fold", "n", "threshold", "T"] + [_LABELS[m] for m in FOLD_METRICS]
+    header += [f"shift {_LABELS[m]}" for m in SHIFT_METRICS]
+    rows = []
+    for f in folds:
+        shift = f["val_shift_mean"]
+        rows.append(
+            [str(f["fold"]), str(f["n"]), _num(f["threshold"], 4), _num(f["temperature"])]
+            + [_num(f["val"][m]) for m in FOLD_METRICS]
+            + [_num(shift[m]) if shift else "n/a" for m in SHIFT_METRICS]
+        )
+    rows.append(
+        ["**mean ± std**", str(sum(f["n"] for f in folds)), "", ""]
+        + [_mean_pm_std(summary["val"][m]) for m in FOLD_METRICS]
+        + [_mean_pm_std(summary["val_shift_mean"][m]) for m in SHIFT_METRICS]
+    )
+    lines += _table(header, rows)
+    lines += [
+        "",
+        "Clean columns: the run's own validation fold at its own threshold and temperature (metrics.json). "
+        "Shift columns: the mean over the run's shifted copies of that fold (val_shift.mean); n/a where the "
+        "run did not evaluate shifts. std is the sample standard deviation (ddof = 1) over folds.",
+    ]
+    recomputed = sorted({m for f in folds for m in f["recomputed_from_csv"]})
+    if recomputed:
+        lines.append(
+            f"Recomputed from val_predictions.csv (missing from some metrics.json): {', '.join(recomputed)}."
+        )
+    lines.append("")
+
+    # -- per fold at the pooled operating point
+    lines += [
+        f"## Per-fold metrics at the pooled operating point (threshold {_num(t, 4)}, T {_num(result['temperature'])})",
+        "",
+    ]
+    rows = [
+        [str(f["fold"]), str(f["n"])] + [_num(f["at_pooled_operating_point"][m]) for m in FOLD_METRICS]
+        for f in folds
+    ]
+    rows.append(
+        ["**mean ± std**", str(sum(f["n"] for f in folds))]
+        + [_mean_pm_std(summary["at_pooled_operating_point"][m]) for m in FOLD_METRICS]
+    )
+    lines += _table(["fold", "n"] + [_LABELS[m] for m in FOLD_METRICS], rows)
+    lines.append("")
+
+    # -- meaning
+    lines += [
+        "## What these numbers mean",
+        "",
+        "- Out-of-fold (OOF): every training image in the pooled set was scored once, by the fold model "
+        "that never saw its patient (folds are grouped by patient and stratified by class). The pooled "
+        "numbers are therefore an honest estimate on the whole training split, not on one small fold.",
+        "- The threshold and temperature above were fitted on these same OOF predictions, so the pooled "
+        "threshold-dependent metrics are slightly optimistic; the official test split remains the "
+        "untouched check.",
+        "- The per-fold spread (± std) is how much one run's validation numbers move with the choice of "
+        "fold; the table at the pooled operating point compares the folds at one common threshold.",
+        "- Each fold model is a different network: the pooled numbers describe the training recipe, not "
+        "one checkpoint.",
+        "",
+    ]
+
+    # -- runs
+    lines += ["## Runs", ""]
+    lines += _table(["fold", "run directory"], [[str(f["fold"]), f"`{f['run_dir']}`"] for f in folds], left=2)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_cv_report(result: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``cv_metrics.json`` and ``cv_report.md`` into ``out_dir``; returns both paths."""
+    out_dir = Path(out_dir)
+    json_path = write_metrics_json(out_dir / "cv_metrics.json", result)
+    md_path = out_dir / "cv_report.md"
+    tmp = out_dir / ".cv_report.md.tmp"
+    tmp.write_text(render_cv_report(result), encoding="utf-8")
+    tmp.replace(md_path)  # readers never see half a report
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m xray.cv",
+        description="Pool the out-of-fold validation predictions of k-fold runs into one report.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun folder, or fold run directories")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: DIR when one is given)"
+    )
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="youden")
+    parser.add_argument(
+        "--target-sensitivity", type=float, default=0.95, help="for --threshold-rule sensitivity"
+    )
+    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: 0 on success, 2 (with one ``error:`` line on stderr) on a user error."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.out is None and len(args.dirs) != 1:
+            raise CVError("--out is required when more than one DIR is given")
+        out_dir = args.out if args.out is not None else Path(args.dirs[0])
+        runs = find_fold_runs(args.dirs)
+        result = aggregate(
+            runs,
+            threshold_rule=args.threshold_rule,
+            target_sensitivity=args.target_sensitivity,
+            n_bootstrap=args.n_bootstrap,
+            seed=args.seed,
+        )
+        json_path, md_path = write_cv_report(result, out_dir)
+    except (CVError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. the output folder cannot be written
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    m = result["pooled"]["at_threshold"]
+    print(f"{len(runs)} of {result['n_folds']} folds, {result['n_images']} out-of-fold images")
+    print(
+        f"pooled @ {result['threshold']:.4f} ({result['threshold_rule']}): AUROC {_num(m['auroc'])}, "
+        f"accuracy {_num(m['accuracy'])}, sensitivity {_num(m['sensitivity'])}, "
+        f"specificity {_num(m['specificity'])}; temperature {_num(result['temperature'])}"
+    )
+    print(f"wrote {md_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

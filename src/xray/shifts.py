@@ -1,0 +1,361 @@
+"""A deterministic "shift validation" suite: the validation images under seeded acquisition shifts.
+
+Why: images of unseen patients from the training distribution are saturated (validation AUROC ~0.997), so
+they cannot rank recipes, while the real test split differs from training mainly by *acquisition*
+(exposure, processing, detector resolution, compression, positioning). Evaluating the patient-grouped
+validation images under a fixed set of mild, label-preserving acquisition shifts gives a selection signal
+that can see acquisition shift without touching the test split.
+
+Every shift draws its magnitude per image from a fixed range with a generator seeded from
+``(seed, shift index, global image index)``, so the output varies across images but is reproducible and
+independent of batch size or of how the images are batched.
+
+``invert_windowing`` (invert, change window/level, invert back) was considered and dropped: with a linear
+window it is again an affine map with clipping, ``x -> a*x + b``, i.e. exactly the family already covered by
+the contrast and brightness shifts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc
+from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+SHIFTS: tuple[str, ...] = (
+    "contrast_low",
+    "contrast_high",
+    "gamma_low",
+    "gamma_high",
+    "brightness_down",
+    "brightness_up",
+    "blur",
+    "sharpen",
+    "noise",
+    "jpeg",
+    "resample",
+    "zoom_in",
+    "zoom_out",
+    "rotate",
+)
+"""Shift names, in a fixed order (the order is part of each image's seed)."""
+
+METRICS: tuple[str, ...] = (
+    "auroc",
+    "log_loss",
+    "brier",
+    "sensitivity",
+    "specificity",
+    "accuracy",
+    "balanced_accuracy",
+)
+"""Metrics computed per shift by :func:`shift_metrics`."""
+
+_LOWER_IS_BETTER = frozenset({"log_loss", "brier"})
+_SUMMARY_ROWS = ("mean", "worst")
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64 finaliser: a well-spread 64-bit hash of an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _generator(seed: int, shift_index: int, image_index: int) -> torch.Generator:
+    """CPU generator for one (seed, shift, image): independent of batching."""
+    h = _mix64(seed & _MASK64)
+    h = _mix64(h ^ (shift_index & _MASK64))
+    h = _mix64(h ^ (image_index & _MASK64))
+    return torch.Generator(device="cpu").manual_seed(h >> 1)
+
+
+def _uniform(g: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def _signed(g: torch.Generator, low: float, high: float) -> float:
+    """Magnitude in [low, high] with a random sign."""
+    magnitude = _uniform(g, low, high)
+    return magnitude if float(torch.rand((), generator=g)) < 0.5 else -magnitude
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of a float (1,H,W) image with reflect padding (kernel limited to the image)."""
+    _, h, w = x.shape
+    size = min(2 * math.ceil(3 * sigma) + 1, 2 * ((min(h, w) - 1) // 2) + 1)
+    return TF.gaussian_blur(x, kernel_size=[size, size], sigma=[sigma, sigma])
+
+
+def _resize(x: Tensor, h: int, w: int) -> Tensor:
+    return TF.resize(x, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+# Each shift: float (1,H,W) image in [0,255] and its generator -> float (1,H,W) (clamped later).
+def _contrast_low(x: Tensor, g: torch.Generator) -> Tensor:
+    return x.mean() + _uniform(g, 0.6, 0.8) * (x - x.mean())
+
+
+def _contrast_high(x: Tensor, g: torch.Generator) -> Tensor:
+    return x.mean() + _uniform(g, 1.25, 1.5) * (x - x.mean())
+
+
+def _gamma(x: Tensor, gamma: float) -> Tensor:
+    return 255.0 * (x / 255.0).clamp(0, 1) ** gamma
+
+
+def _gamma_low(x: Tensor, g: torch.Generator) -> Tensor:
+    return _gamma(x, _uniform(g, 0.6, 0.8))
+
+
+def _gamma_high(x: Tensor, g: torch.Generator) -> Tensor:
+    return _gamma(x, _uniform(g, 1.25, 1.6))
+
+
+def _brightness_down(x: Tensor, g: torch.Generator) -> Tensor:
+    return x - _uniform(g, 20.0, 35.0)
+
+
+def _brightness_up(x: Tensor, g: torch.Generator) -> Tensor:
+    return x + _uniform(g, 20.0, 35.0)
+
+
+def _blur(x: Tensor, g: torch.Generator) -> Tensor:
+    return _gaussian_blur(x, _uniform(g, 1.0, 2.0))
+
+
+def _sharpen(x: Tensor, g: torch.Generator) -> Tensor:
+    amount, sigma = _uniform(g, 1.0, 2.0), _uniform(g, 1.0, 2.0)
+    return x + amount * (x - _gaussian_blur(x, sigma))
+
+
+def _noise(x: Tensor, g: torch.Generator) -> Tensor:
+    std = _uniform(g, 5.0, 10.0)
+    return x + std * torch.randn(x.shape, generator=g).to(x.device)
+
+
+def _jpeg(x: Tensor, g: torch.Generator) -> Tensor:
+    quality = int(torch.randint(15, 36, (), generator=g))
+    encoded = encode_jpeg(x.round().clamp(0, 255).to(torch.uint8).cpu(), quality=quality)
+    return decode_jpeg(encoded).to(device=x.device, dtype=torch.float32)
+
+
+def _resample(x: Tensor, g: torch.Generator) -> Tensor:
+    _, h, w = x.shape
+    scale = _uniform(g, 0.4, 0.5)
+    small = _resize(x, max(2, round(h * scale)), max(2, round(w * scale)))
+    return _resize(small, h, w)
+
+
+def _zoom_in(x: Tensor, g: torch.Generator) -> Tensor:
+    _, h, w = x.shape
+    fraction = _uniform(g, 0.80, 0.88)
+    ch, cw = max(2, round(h * fraction)), max(2, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return _resize(x[:, top : top + ch, left : left + cw], h, w)
+
+
+def _zoom_out(x: Tensor, g: torch.Generator) -> Tensor:
+    _, h, w = x.shape
+    scale = _uniform(g, 0.75, 0.85)
+    sh, sw = max(2, round(h * scale)), max(2, round(w * scale))
+    fill = torch.quantile(x.flatten(), 0.01).round()
+    out = fill.expand(x.shape).clone()
+    top, left = (h - sh) // 2, (w - sw) // 2
+    out[:, top : top + sh, left : left + sw] = _resize(x, sh, sw)
+    return out
+
+
+def _rotate(x: Tensor, g: torch.Generator) -> Tensor:
+    _, h, w = x.shape
+    angle = math.radians(_signed(g, 5.0, 10.0))
+    c, s = math.cos(angle), math.sin(angle)
+    # rotation about the centre in pixel units, expressed in affine_grid's normalised coordinates
+    theta = torch.tensor([[c, -s * h / w, 0.0], [s * w / h, c, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
+    return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+_SHIFT_FNS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
+    "contrast_low": _contrast_low,
+    "contrast_high": _contrast_high,
+    "gamma_low": _gamma_low,
+    "gamma_high": _gamma_high,
+    "brightness_down": _brightness_down,
+    "brightness_up": _brightness_up,
+    "blur": _blur,
+    "sharpen": _sharpen,
+    "noise": _noise,
+    "jpeg": _jpeg,
+    "resample": _resample,
+    "zoom_in": _zoom_in,
+    "zoom_out": _zoom_out,
+    "rotate": _rotate,
+}
+assert tuple(_SHIFT_FNS) == SHIFTS
+
+
+def _check_names(names: Iterable[str]) -> None:
+    unknown = [name for name in names if name not in _SHIFT_FNS]
+    if unknown:
+        raise ValueError(f"unknown shift(s) {unknown}; valid shifts: {', '.join(SHIFTS)}")
+
+
+def apply_shift(images: Tensor, name: str, indices: Sequence[int] | Tensor, seed: int = 0) -> Tensor:
+    """Apply shift ``name`` to uint8 ``(B,1,H,W)`` images whose global indices are ``indices``.
+
+    Magnitudes are drawn per image from a generator seeded by ``(seed, shift, index)``: the result does not
+    depend on batching. Returns uint8 ``(B,1,H,W)``.
+    """
+    _check_names([name])
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(
+            f"expected uint8 images of shape (B,1,H,W), got {images.dtype} {tuple(images.shape)}"
+        )
+    if min(images.shape[-2:]) < 16:
+        raise ValueError(f"images must be at least 16x16, got {tuple(images.shape[-2:])}")
+    index_list = [int(i) for i in (indices.flatten().tolist() if isinstance(indices, Tensor) else indices)]
+    if len(index_list) != images.shape[0]:
+        raise ValueError(f"got {len(index_list)} indices for {images.shape[0]} images")
+    shift_index = SHIFTS.index(name)
+    fn = _SHIFT_FNS[name]
+    out = torch.empty_like(images)
+    for row, index in enumerate(index_list):
+        shifted = fn(images[row].float(), _generator(seed, shift_index, index))
+        out[row] = shifted.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def shift_logits(
+    logits_fn: Callable[[Tensor], Tensor],
+    images: Tensor,
+    seed: int = 0,
+    batch_size: int = 64,
+    shifts: Sequence[str] = SHIFTS,
+) -> dict[str, Tensor]:
+    """Logits ``(N,)`` (float32, CPU) of ``logits_fn`` on the clean images and under each shift.
+
+    ``logits_fn`` receives float images in [0,1] of shape ``(b,1,H,W)``. Keys: ``"clean"`` first, then
+    ``shifts`` in order.
+    """
+    _check_names(shifts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = images.shape[0]
+    result: dict[str, Tensor] = {}
+    with torch.inference_mode():
+        for name in ("clean", *shifts):
+            chunks = []
+            for start in range(0, n, batch_size):
+                batch = images[start : start + batch_size]
+                if name != "clean":
+                    batch = apply_shift(batch, name, range(start, start + batch.shape[0]), seed)
+                logits = logits_fn(batch.float() / 255.0).detach().reshape(-1)
+                if logits.numel() != batch.shape[0]:
+                    raise ValueError(
+                        f"logits_fn returned {logits.numel()} logits for {batch.shape[0]} images"
+                    )
+                chunks.append(logits.float().cpu())
+            result[name] = torch.cat(chunks) if chunks else torch.empty(0)
+    return result
+
+
+def _binary_metrics(logits: Tensor, labels: Tensor, threshold: float, temperature: float) -> dict[str, float]:
+    z = logits.detach().double().cpu().reshape(-1) / temperature
+    y = labels.detach().cpu().reshape(-1).long()
+    probs = torch.sigmoid(z)
+    pred = probs >= threshold
+    pos, neg = y == 1, y == 0
+    nan = float("nan")
+    sensitivity = float(pred[pos].double().mean()) if pos.any() else nan
+    specificity = float((~pred[neg]).double().mean()) if neg.any() else nan
+    auroc = float(binary_auroc(probs, y)) if pos.any() and neg.any() else nan
+    return {
+        "auroc": auroc,
+        "log_loss": float(F.binary_cross_entropy_with_logits(z, y.double())),
+        "brier": float(((probs - y.double()) ** 2).mean()),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "accuracy": float((pred == pos).double().mean()),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+    }
+
+
+def shift_metrics(
+    logits_by_shift: dict[str, Tensor], labels: Tensor, threshold: float, temperature: float = 1.0
+) -> dict[str, dict[str, float]]:
+    """Metrics per key (probs = sigmoid(logits / temperature)), plus ``"mean"`` and ``"worst"`` rows.
+
+    ``"mean"``/``"worst"`` summarise the shifts only (``"clean"`` is kept as its own row): worst is the min
+    for AUROC, sensitivity, specificity and (balanced) accuracy, the max for log loss and Brier.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    reserved = [key for key in _SUMMARY_ROWS if key in logits_by_shift]
+    if reserved:
+        raise ValueError(f"{reserved} are reserved row names")
+    ordered = sorted(logits_by_shift, key=lambda key: key != "clean")  # stable: clean first
+    rows = {key: _binary_metrics(logits_by_shift[key], labels, threshold, temperature) for key in ordered}
+    shifted = [rows[key] for key in ordered if key != "clean"]
+    if shifted:
+        rows["mean"] = {m: sum(r[m] for r in shifted) / len(shifted) for m in METRICS}
+        rows["worst"] = {m: (max if m in _LOWER_IS_BETTER else min)(r[m] for r in shifted) for m in METRICS}
+    return rows
+
+
+_TABLE_COLUMNS = (
+    ("auroc", "AUROC"),
+    ("log_loss", "log loss"),
+    ("brier", "Brier"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("balanced_accuracy", "balanced accuracy"),
+)
+
+
+def render_shift_table(
+    metrics: dict[str, dict[str, float]], *, threshold: float | None = None, seed: int | None = None
+) -> str:
+    """GitHub markdown table: clean, the shifts, then **mean** and **worst**, 3 decimals, with a caption."""
+    details = []
+    if threshold is not None:
+        details.append(f"threshold {threshold:.3f}")
+    if seed is not None:
+        details.append(f"seed {seed}")
+    suffix = f" ({', '.join(details)})" if details else ""
+    lines = [
+        f"Validation images under seeded acquisition shifts{suffix}; mean/worst are over the shifts.",
+        "",
+        "| shift | " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |",
+        "|---|" + "---:|" * len(_TABLE_COLUMNS),
+    ]
+    keys = [k for k in metrics if k == "clean"]
+    keys += [k for k in metrics if k != "clean" and k not in _SUMMARY_ROWS]
+    keys += [k for k in _SUMMARY_ROWS if k in metrics]
+    for key in keys:
+        bold = key in _SUMMARY_ROWS
+        cells = [f"{metrics[key][m]:.3f}" for m, _ in _TABLE_COLUMNS]
+        if bold:
+            cells = [f"**{c}**" for c in cells]
+        label = f"**{key}**" if bold else key
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def log_shift_metrics(metrics: dict[str, dict[str, float]], loggers: Any, step: int | None = None) -> None:
+    """Log every value as ``val_shift/<shift>/<metric>`` to each Lightning logger (one or a sequence)."""
+    flat = {
+        f"val_shift/{shift}/{name}": float(value)
+        for shift, row in metrics.items()
+        for name, value in row.items()
+    }
+    for logger in [loggers] if hasattr(loggers, "log_metrics") else list(loggers or []):
+        logger.log_metrics(flat, step=step)
