@@ -109,13 +109,14 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     model.temperature = fit_temperature(logits, labels) if ev.get("temperature", True) else 1.0
     probs = apply_temperature(logits, model.temperature)
     extras["val"] = (probs, labels, index)
-    shifted = shift_validation_logits(model, datamodule, index, ev) if ev.get("shifts") else None
+    shifted, shift_labels = shift_validation_logits(model, datamodule, index, labels, ev) if ev.get("shifts") else (None, None)
     rule = str(ev.threshold_rule)
     if rule == "shift_youden" and shifted is None:
         raise ValueError("evaluation.threshold_rule=shift_youden needs evaluation.shifts=true")
     if rule == "shift_youden":  # Youden's J on clean + shifted validation scores pooled
         pooled = torch.cat(list(shifted.values()))
-        threshold_probs, threshold_labels = apply_temperature(pooled, model.temperature), labels.repeat(len(shifted))
+        threshold_probs = apply_temperature(pooled, model.temperature)
+        threshold_labels = shift_labels.repeat(len(shifted))
     else:
         threshold_probs, threshold_labels = probs, labels
     model.threshold = choose_threshold(
@@ -141,7 +142,7 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     if shifted is not None:
         from xray.shifts import log_shift_metrics, shift_metrics
 
-        results["val_shift"] = shift_metrics(shifted, labels, model.threshold, model.temperature)
+        results["val_shift"] = shift_metrics(shifted, shift_labels, model.threshold, model.temperature)
         log_shift_metrics(results["val_shift"], trainer.loggers, step=trainer.global_step)
     if trainer.is_global_zero:
         write_predictions(Path(cfg.paths.output_dir) / "val_predictions.csv", datamodule, index, labels, logits, probs)
@@ -155,21 +156,32 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     return results, extras
 
 
-def shift_validation_logits(model: Any, datamodule: Any, index: torch.Tensor, ev: DictConfig) -> dict[str, torch.Tensor]:
-    """Logits of the validation images (in ``index`` order) clean and under each acquisition shift."""
+def shift_validation_logits(
+    model: Any, datamodule: Any, index: torch.Tensor, labels: torch.Tensor, ev: DictConfig
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Logits of the validation images clean and under each acquisition shift, and their labels.
+
+    At most ``evaluation.shift_max_images`` images, evenly spaced in dataset order (deterministic,
+    both classes kept in proportion since the dataset is sorted by class).
+    """
     from xray.shifts import shift_logits
 
     dataset = datamodule.datasets["val"]
-    images = torch.stack([dataset.image(i) for i in index.tolist()])
+    order = index.argsort()  # dataset order
+    limit = ev.get("shift_max_images")
+    if limit and len(order) > int(limit):
+        order = order[torch.linspace(0, len(order) - 1, int(limit)).round().long()]
+    images = torch.stack([dataset.image(i) for i in index[order].tolist()])
     was_training = model.training
     model.eval()
     try:
-        return shift_logits(
+        shifted = shift_logits(
             lambda x: model(x.to(model.device)).float(),
             images,
             seed=int(ev.get("shift_seed", 0)),
             batch_size=int(datamodule.batch_size),
         )
+        return shifted, labels[order]
     finally:
         model.train(was_training)
 

@@ -1,0 +1,85 @@
+"""Cross-validation end to end: fold runs with shift validation and temperature, then the OOF report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers import run_training
+from xray.checkpoints import load_checkpoint_file
+from xray.cv import main as cv_main
+from xray.shifts import SHIFTS
+
+
+@pytest.fixture(scope="module")
+def fold_runs(session_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    base = tmp_path_factory.mktemp("cv")
+    runs = []
+    for fold in range(2):
+        run_dir = base / str(fold)
+        run_training(
+            session_dataset,
+            run_dir,
+            [
+                "trainer.max_epochs=2",
+                "data.n_folds=2",
+                f"data.fold={fold}",
+                "evaluation.shifts=true",
+                "evaluation.threshold_rule=shift_youden",
+                "evaluation.shift_max_images=24",
+            ],
+        )
+        runs.append(run_dir)
+    return runs
+
+
+def test_fold_run_stores_temperature_threshold_and_predictions(fold_runs: list[Path]) -> None:
+    for fold, run_dir in enumerate(fold_runs):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["fold"] == fold and metrics["n_folds"] == 2
+        meta = load_checkpoint_file(run_dir / "checkpoints" / "best_xray_model.ckpt")["xray"]
+        assert meta["temperature"] == pytest.approx(metrics["temperature"]) and meta["temperature"] > 0
+        assert meta["threshold"] == pytest.approx(metrics["threshold"])
+        assert meta["threshold_rule"] == "shift_youden"
+        cal = metrics["calibration"]
+        assert cal["log_loss_after"] <= cal["log_loss_before"] + 1e-9  # fitted on these very logits
+        with open(run_dir / "val_predictions.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == metrics["val"]["at_threshold"]["tp"] + metrics["val"]["at_threshold"]["tn"] + (
+            metrics["val"]["at_threshold"]["fp"] + metrics["val"]["at_threshold"]["fn"]
+        )
+        row = rows[0]
+        assert float(row["prob"]) == pytest.approx(
+            1 / (1 + math.exp(-float(row["logit"]) / metrics["temperature"])), rel=1e-4
+        )
+
+
+def test_fold_run_reports_and_logs_shift_validation(fold_runs: list[Path]) -> None:
+    run_dir = fold_runs[0]
+    shift = json.loads((run_dir / "metrics.json").read_text())["val_shift"]
+    assert set(SHIFTS) <= set(shift) and {"clean", "mean", "worst"} <= set(shift)
+    assert shift["worst"]["auroc"] <= shift["mean"]["auroc"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Shift validation" in report and "jpeg" in report and "## Calibration" in report
+    tags: set[str] = set()
+    for event in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(event))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert "val_shift/mean/auroc" in tags and "val_shift/jpeg/log_loss" in tags
+
+
+def test_cv_command_pools_the_folds(fold_runs: list[Path], tmp_path: Path) -> None:
+    assert cv_main([str(p) for p in fold_runs] + ["--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "cv_metrics.json").read_text())
+    n = sum(
+        len(list(csv.DictReader(open(run / "val_predictions.csv")))) for run in fold_runs  # noqa: SIM115
+    )
+    assert n == 80 == summary["n_images"]  # every training image scored once, out of fold
+    assert "## Pooled out-of-fold metrics" in (tmp_path / "cv_report.md").read_text()
+    assert 0 < summary["threshold"] <= 1 and summary["temperature"] > 0
