@@ -460,8 +460,12 @@ def _sharpened(best_ckpt: Path, images: Path, path: Path) -> Path:
     """The trained weights with the output layer rescaled so that the logits on ``images`` spread over
     about -4..4: probabilities then cover most of (0, 1), so a preprocessing difference cannot hide
     behind the nearly constant output of a briefly trained model."""
-    rows = predict_files(load_model(best_ckpt), collect_inputs(images), device="cpu")
-    logits = torch.logit(torch.tensor([r.prob_pneumonia for r in rows], dtype=torch.float64))
+    model = load_model(best_ckpt)
+    rows = predict_files(model, collect_inputs(images), device="cpu")
+    # predict gives sigmoid(logit / T): back to the network's raw logits
+    logits = (
+        torch.logit(torch.tensor([r.prob_pneumonia for r in rows], dtype=torch.float64)) * model.temperature
+    )
     scale = 8.0 / float(logits.max() - logits.min())
     center = float(logits.median())
     checkpoint = load_checkpoint_file(best_ckpt)
@@ -495,6 +499,7 @@ def test_predictions_equal_training_code_outputs(
     datamodule = hydra.utils.instantiate(cfg.data)
     lit = hydra.utils.instantiate(cfg.model)
     lit.load_state_dict(load_checkpoint_file(ckpt)["state_dict"])
+    lit.temperature = load_model(ckpt).temperature  # the calibration stored with the weights
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,

@@ -3,16 +3,24 @@
 Checkpoints from elsewhere are untrusted: every load in the code base goes through
 ``load_checkpoint_file``, which uses ``torch.load(weights_only=True)`` (plain tensors and containers
 only, no arbitrary unpickling) and turns each failure into a ``CheckpointError`` naming the file.
+
+Prediction loads a :class:`Predictor`: one model, or an ensemble of models whose raw logits are
+averaged (``ckpt=[a.ckpt,b.ckpt]``, or a folder with an ``ensemble.json`` manifest or with two or
+more ``*.ckpt`` files), so the prediction code has a single path for both.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
 import os
 import pickle
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -24,26 +32,34 @@ BEST_NAME = "best_xray_model.ckpt"
 LAST_NAME = "last.ckpt"
 PRETRAINED_PATH = Path(__file__).resolve().parents[2] / "models" / "xray_cpu_fast.ckpt"
 CHECKPOINT_KEY = "xray"
+MANIFEST_NAME = "ensemble.json"
+MANIFEST_FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, unsafe or not an xray checkpoint."""
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """``write`` into a temporary file in the same folder, fsync, then rename over ``path``: a reader
+    (or a kill) never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -108,6 +124,16 @@ class LoadedModel:
     def interpolation(self) -> str:
         return str(self.meta["preprocessing"].get("interpolation", "bilinear"))
 
+    @property
+    def tta(self) -> bool:
+        """Whether the model was evaluated with flip TTA (its threshold was chosen that way)."""
+        return bool(self.meta.get("tta", False))
+
+    @property
+    def temperature(self) -> float:
+        """T of ``sigmoid(logit / T)``, fitted on validation logits; 1.0 for checkpoints without one."""
+        return _check_temperature(self.meta.get("temperature", 1.0), str(self.path))
+
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedModel:
     """Rebuild the network of an xray checkpoint (allow-listed classes only) in eval mode."""
@@ -126,7 +152,9 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedMode
     except (ValueError, TypeError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"{path}: weights do not fit the stored network ({str(err)[:300]})") from None
     net.eval()
-    return LoadedModel(net=net, meta=meta, path=path)
+    model = LoadedModel(net=net, meta=meta, path=path)
+    _ = model.temperature  # a bad stored temperature fails here, before any image is read
+    return model
 
 
 def update_checkpoint_meta(path: str | os.PathLike, **values: Any) -> None:
@@ -147,7 +175,10 @@ def latest_run_with(log_dir: str | os.PathLike, filename: str) -> Path | None:
 
 def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "logs") -> Path:
     """``best``/``last``: the most recent training run under ``log_dir``; ``pretrained``: the shipped
-    model; a run directory: its best checkpoint (else last); anything else: a file path."""
+    model (a file, or an ensemble folder); a run directory: its best checkpoint (else last); an
+    ensemble folder (see :func:`is_ensemble_folder`): the folder itself; anything else: a file path.
+
+    The result is a checkpoint file or an ensemble folder; :func:`load_predictor` loads either."""
     spec_str = str(spec)
     if spec_str in ("best", "last"):
         name = BEST_NAME if spec_str == "best" else LAST_NAME
@@ -161,9 +192,16 @@ def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "lo
     if spec_str == "pretrained":
         if not PRETRAINED_PATH.exists():
             raise CheckpointError(f"ckpt=pretrained: shipped model {PRETRAINED_PATH} is missing")
+        if PRETRAINED_PATH.is_dir() and not is_ensemble_folder(PRETRAINED_PATH):
+            raise CheckpointError(
+                f"ckpt=pretrained: shipped model folder {PRETRAINED_PATH} holds no {MANIFEST_NAME} "
+                "(nor two or more *.ckpt files)"
+            )
         return PRETRAINED_PATH
     path = Path(spec_str).expanduser()
     if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            return path
         for candidate in (
             path / "checkpoints" / BEST_NAME,
             path / BEST_NAME,
@@ -171,7 +209,12 @@ def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "lo
         ):
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"{path}: run directory holds no checkpoints/{BEST_NAME} or {LAST_NAME}")
+        if is_ensemble_folder(path):
+            return path
+        raise CheckpointError(
+            f"{path}: run directory holds no checkpoints/{BEST_NAME} or {LAST_NAME} (and it is no "
+            f"ensemble folder: no {MANIFEST_NAME}, fewer than two *.ckpt files)"
+        )
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     return path
@@ -197,3 +240,186 @@ def export_for_inference(src: str | os.PathLike, dst: str | os.PathLike, half: b
     }
     atomic_torch_save(slim, dst)
     return Path(dst)
+
+
+# -------------------------------------------------------------------------------------------- ensembles
+def _check_temperature(value: Any, where: str) -> float:
+    """A finite float > 0, else a CheckpointError saying where the bad value was stored."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise CheckpointError(f"{where}: stored temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_threshold(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise CheckpointError(f"{where}: threshold must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass
+class Predictor:
+    """One model or an ensemble: P(PNEUMONIA) = sigmoid(mean of the members' raw logits / temperature).
+
+    Each member keeps its own preprocessing and TTA flag; ``threshold`` applies to the calibrated
+    probability. ``source`` is what ``predict.py`` prints as the checkpoint (the path for one model).
+    """
+
+    members: list[LoadedModel]
+    threshold: float
+    temperature: float
+    source: str
+    threshold_source: str = "checkpoint"
+
+    @classmethod
+    def from_model(cls, model: LoadedModel) -> Predictor:
+        """A single model: its own threshold and temperature, read now (the meta may have changed)."""
+        return cls([model], model.threshold, model.temperature, str(model.path))
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    @property
+    def preprocessing(self) -> list[tuple[int, str]]:
+        """The distinct (image size, interpolation) pairs, in member order: one decode per pair."""
+        return list(dict.fromkeys((m.image_size, m.interpolation) for m in self.members))
+
+
+def is_ensemble_folder(folder: str | os.PathLike) -> bool:
+    """A folder with an ``ensemble.json``, or with two or more ``*.ckpt`` files directly in it."""
+    folder = Path(folder)
+    return folder.is_dir() and ((folder / MANIFEST_NAME).is_file() or len(_folder_checkpoints(folder)) >= 2)
+
+
+def _folder_checkpoints(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.ckpt") if p.is_file() and not p.name.startswith("."))
+
+
+def ensemble_from_models(models: Sequence[LoadedModel], source: str) -> Predictor:
+    """An ensemble without a manifest: threshold = mean of the members' thresholds; temperature = 1.0
+    when every member has T = 1, else the mean of their temperatures (each T was fitted on one
+    member's logits, so their mean is only a stand-in for a T fitted on the ensemble's)."""
+    if not models:
+        raise CheckpointError(f"{source}: an ensemble needs at least one checkpoint")
+    temperatures = [m.temperature for m in models]
+    temperature = 1.0 if all(t == 1.0 for t in temperatures) else sum(temperatures) / len(temperatures)
+    threshold = sum(m.threshold for m in models) / len(models)
+    return Predictor(list(models), threshold, temperature, source, threshold_source="the members' mean")
+
+
+def read_ensemble_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """``ensemble.json``, checked: format 1, a non-empty member list, threshold and temperature."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read the ensemble manifest ({str(err)[:200]})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{path}: not an ensemble manifest of format {MANIFEST_FORMAT}")
+    members = manifest.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members):
+        raise CheckpointError(f"{path}: 'members' must be a non-empty list of checkpoint paths")
+    _check_threshold(manifest.get("threshold"), str(path))
+    _check_temperature(manifest.get("temperature"), str(path))
+    return manifest
+
+
+def load_manifest_ensemble(manifest_path: str | os.PathLike) -> Predictor:
+    """The ensemble an ``ensemble.json`` describes: its members (relative to its folder), threshold, T."""
+    manifest_path = Path(manifest_path)
+    manifest = read_ensemble_manifest(manifest_path)
+    paths = [manifest_path.parent / member for member in manifest["members"]]
+    for member in paths:
+        if not member.is_file():
+            raise CheckpointError(f"{manifest_path}: member checkpoint {member} not found")
+    models = [load_model(member) for member in paths]
+    return Predictor(
+        models,
+        float(manifest["threshold"]),
+        float(manifest["temperature"]),
+        f"{manifest_path.parent} (ensemble of {len(models)} from {MANIFEST_NAME})",
+        threshold_source=MANIFEST_NAME,
+    )
+
+
+def load_folder_ensemble(folder: str | os.PathLike) -> Predictor:
+    """``ensemble.json`` when the folder has one, else every ``*.ckpt`` directly in it (two or more)."""
+    folder = Path(folder)
+    if (folder / MANIFEST_NAME).is_file():
+        return load_manifest_ensemble(folder / MANIFEST_NAME)
+    paths = _folder_checkpoints(folder)
+    if len(paths) < 2:
+        raise CheckpointError(
+            f"{folder}: an ensemble folder needs {MANIFEST_NAME} or two or more *.ckpt files"
+        )
+    return ensemble_from_models([load_model(p) for p in paths], f"{folder} (ensemble of {len(paths)} *.ckpt)")
+
+
+def load_predictor(
+    spec: str | os.PathLike | Sequence[str | os.PathLike], log_dir: str | os.PathLike = "logs"
+) -> Predictor:
+    """``ckpt=`` to a Predictor: a spec of :func:`resolve_checkpoint` (a file gives one model, a folder
+    an ensemble), or a list of them (an ensemble of those checkpoints, without a manifest)."""
+    if isinstance(spec, (str, os.PathLike)):
+        target = resolve_checkpoint(spec, log_dir)
+        return load_folder_ensemble(target) if target.is_dir() else Predictor.from_model(load_model(target))
+    specs = [str(s) for s in spec]
+    if not specs:
+        raise CheckpointError("ckpt=[]: the list names no checkpoints")
+    paths = [resolve_checkpoint(s, log_dir) for s in specs]
+    for path in paths:
+        if path.is_dir():
+            raise CheckpointError(
+                f"{path}: an ensemble folder cannot be a member of ckpt=[...]; list checkpoint files"
+            )
+    return ensemble_from_models(
+        [load_model(p) for p in paths], f"ensemble of {len(paths)}: {', '.join(map(str, paths))}"
+    )
+
+
+def _manifest_member(folder: Path, member: str | os.PathLike) -> str:
+    """Member path as stored: relative to the manifest's folder (a relative one already is)."""
+    path = Path(member).expanduser()
+    if not path.is_absolute():
+        return path.as_posix()
+    return Path(os.path.relpath(path.resolve(), folder.resolve())).as_posix()
+
+
+def write_ensemble_manifest(
+    folder: str | os.PathLike,
+    members: Sequence[str | os.PathLike],
+    threshold: float,
+    temperature: float,
+    threshold_rule: str,
+    **extra: Any,
+) -> Path:
+    """Write ``folder/ensemble.json`` atomically; returns its path. Relative members are relative to
+    ``folder``; absolute ones are stored relative to it, so a folder holding its members can move.
+    ``extra`` keys (e.g. ``description``, fold metrics) are stored and ignored by the loader."""
+    folder = Path(folder)
+    stored = [_manifest_member(folder, m) for m in members]
+    if not stored:
+        raise CheckpointError(f"{folder}: an ensemble manifest needs at least one member")
+    for member in stored:
+        if not (folder / member).is_file():
+            raise CheckpointError(f"{folder}: member checkpoint {folder / member} not found")
+    reserved = {"format", "members", "threshold", "temperature", "threshold_rule"} & set(extra)
+    if reserved:
+        raise ValueError(f"write_ensemble_manifest: {sorted(reserved)} are set by their own arguments")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "members": stored,
+        "threshold": _check_threshold(threshold, str(folder / MANIFEST_NAME)),
+        "temperature": _check_temperature(temperature, str(folder / MANIFEST_NAME)),
+        "threshold_rule": str(threshold_rule),
+        **extra,
+    }
+    text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+    path = folder / MANIFEST_NAME
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    return path

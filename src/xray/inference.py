@@ -4,6 +4,10 @@ The preprocessing is the training code's own (:func:`xray.data.cache.load_resize
 :func:`xray.transforms.rescale` on the batch), with the image size and interpolation read from the
 checkpoint, so a file is scored exactly as validation and test score it during training.
 
+One model and an ensemble share one code path (:class:`xray.checkpoints.Predictor`): each member
+gives raw logits (flip-TTA averaged when it uses TTA) for the same files, decoded once per distinct
+(image size, interpolation); P(PNEUMONIA) = sigmoid(mean logit / T), T the stored temperature.
+
 Per-file faults never stop a run: the Dataset returns either ``(uint8 image, index)`` or
 ``(error reason, index)``, and :func:`collate_separating_failures` keeps failures out of the batch
 tensor. Each input file gives exactly one :class:`PredictionRow`, in input order.
@@ -31,7 +35,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from xray.checkpoints import LoadedModel, load_model, resolve_checkpoint
+from xray.calibration import apply_temperature
+from xray.checkpoints import LoadedModel, Predictor, load_predictor
 from xray.config_checks import ConfigError
 from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
 from xray.data.cache import load_resized
@@ -55,6 +60,7 @@ __all__ = [
     "collect_inputs",
     "label_metrics",
     "last_conv2d",
+    "member_logits",
     "predict_files",
     "resolve_device",
     "run_predict",
@@ -213,15 +219,48 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     return device
 
 
-def probabilities(net: nn.Module, images: Tensor, tta: bool) -> Tensor:
-    """uint8 (B,1,S,S) -> P(PNEUMONIA) (B,): rescale, logits (flip TTA if asked), sigmoid."""
+def member_logits(net: nn.Module, images: Tensor, tta: bool) -> Tensor:
+    """uint8 (B,1,S,S) -> raw logits (B,) float32: rescale, the network (mean over the flip if TTA)."""
     x = rescale(images)
     logits = flip_tta_logits(net, x) if tta else net(x)
-    return torch.sigmoid(logits.float()).reshape(-1)
+    return logits.float().reshape(-1)
+
+
+def _loader(dataset: PredictDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=min(int(num_workers), math.ceil(len(dataset) / batch_size)),
+        collate_fn=collate_separating_failures,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _preprocessing_groups(predictor: Predictor) -> list[tuple[tuple[int, str], list[int]]]:
+    """Member indices per distinct (image size, interpolation): each group's images are decoded once.
+
+    The first member's group comes last, so that when its Grad-CAM overlays are drawn every other
+    member's logits for those files are in and the titles can show the ensemble's probability.
+    """
+    groups: dict[tuple[int, str], list[int]] = {}
+    for k, member in enumerate(predictor.members):
+        groups.setdefault((member.image_size, member.interpolation), []).append(k)
+    items = list(groups.items())
+    return items[1:] + items[:1]
+
+
+def _calibrated(logits: Tensor, seen: Tensor, rows: list[int], temperature: float) -> dict[int, float]:
+    """P(PNEUMONIA) = sigmoid(mean member logit / T) of the ``rows`` that every member has scored."""
+    rows = [i for i in rows if bool(seen[i].all())]
+    if not rows:
+        return {}
+    probs = apply_temperature(logits[rows].mean(dim=1), temperature)
+    return dict(zip(rows, probs.tolist(), strict=True))
 
 
 def predict_files(
-    model: LoadedModel,
+    model: LoadedModel | Predictor,
     paths: Sequence[str | os.PathLike[str]],
     batch_size: int = 32,
     num_workers: int = 0,
@@ -233,43 +272,45 @@ def predict_files(
 ) -> list[PredictionRow]:
     """One row per path, in order: batched, through DataLoader workers, under ``inference_mode``.
 
-    ``threshold``/``tta`` default to the checkpoint's. ``gradcam_dir``: also write one Grad-CAM
-    overlay PNG per readable image there (of the plain network, also when TTA is on).
+    ``model``: one checkpoint or an ensemble; the probability is sigmoid(mean of the members' raw
+    logits / the temperature). ``threshold`` defaults to the checkpoint's (the ensemble's); ``tta``
+    to each member's own, and when given applies to every member. ``gradcam_dir``: also write one
+    Grad-CAM overlay PNG per readable image there, of the first member's plain network (also when
+    TTA is on), titled with the (ensemble's) probability.
     """
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    threshold = model.threshold if threshold is None else float(threshold)
-    tta = bool(model.meta.get("tta", False)) if tta is None else bool(tta)
+    predictor = Predictor.from_model(model) if isinstance(model, LoadedModel) else model
+    threshold = predictor.threshold if threshold is None else float(threshold)
     target = resolve_device(device)
-    net = model.net.to(target).eval()
-    dataset = PredictDataset(paths, model.image_size, model.interpolation)
-    n_batches = math.ceil(len(dataset) / batch_size)
-    workers = min(int(num_workers), n_batches)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_separating_failures,
-        pin_memory=target.type == "cuda",
-    )
-    probs: dict[int, float] = {}
+    nets = [member.net.to(target).eval() for member in predictor.members]
+    ttas = [member.tta if tta is None else bool(tta) for member in predictor.members]
+    paths = [os.fspath(p) for p in paths]
+    logits = torch.zeros(len(paths), len(nets), dtype=torch.float64)
+    seen = torch.zeros(len(paths), len(nets), dtype=torch.bool)
     errors: dict[int, str] = {}
     heatmaps: dict[int, str] = {}
-    cam = GradCam(net, Path(gradcam_dir)) if gradcam_dir is not None else None
-    with tqdm(total=len(dataset), desc="Predicting", unit="img", disable=not progress) as bar:
-        for images, index, failed in loader:
-            errors.update(failed)
-            if images is not None:
-                images = images.to(target, non_blocking=True)
-                with torch.inference_mode():
-                    batch_probs = probabilities(net, images, tta).cpu().tolist()
-                probs.update(zip(index.tolist(), batch_probs, strict=True))
-                if cam is not None:
-                    heatmaps.update(cam.write(images, index.tolist(), batch_probs, dataset.paths, threshold))
-            bar.update(len(index) + len(failed))
+    cam = GradCam(nets[0], Path(gradcam_dir)) if gradcam_dir is not None else None
+    groups = _preprocessing_groups(predictor)
+    with tqdm(total=len(paths) * len(groups), desc="Predicting", unit="img", disable=not progress) as bar:
+        for (size, interpolation), members in groups:
+            dataset = PredictDataset(paths, size, interpolation)
+            for images, index, failed in _loader(dataset, batch_size, num_workers, target):
+                for i, reason in failed:
+                    errors.setdefault(i, reason)
+                if images is not None:
+                    images = images.to(target, non_blocking=True)
+                    with torch.inference_mode():
+                        for k in members:
+                            logits[index, k] = member_logits(nets[k], images, ttas[k]).double().cpu()
+                            seen[index, k] = True
+                    if cam is not None and 0 in members:
+                        batch = _calibrated(logits, seen, index.tolist(), predictor.temperature)
+                        heatmaps.update(_write_gradcam(cam, images, index.tolist(), batch, paths, threshold))
+                bar.update(len(index) + len(failed))
+    probs = _calibrated(logits, seen, list(range(len(paths))), predictor.temperature)
     rows = []
-    for i, path in enumerate(dataset.paths):
+    for i, path in enumerate(paths):
         prob = probs.get(i)
         error = errors.get(i, None if prob is not None else "not predicted")
         rows.append(
@@ -287,6 +328,22 @@ def predict_files(
 
 
 # --------------------------------------------------------------------------------------------- grad-cam
+def _write_gradcam(
+    cam: GradCam,
+    images: Tensor,
+    index: list[int],
+    probs: dict[int, float],
+    paths: list[str],
+    threshold: float,
+) -> dict[int, str]:
+    """Overlays for the images of a batch that have a probability (every member scored them)."""
+    keep = [k for k, i in enumerate(index) if i in probs]
+    if not keep:
+        return {}
+    chosen = [index[k] for k in keep]
+    return cam.write(images[keep], chosen, [probs[i] for i in chosen], paths, threshold)
+
+
 def last_conv2d(net: nn.Module) -> nn.Conv2d:
     """The last Conv2d of ``net`` in module order: the usual Grad-CAM layer."""
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
@@ -426,6 +483,19 @@ def _check_settings(cfg: Any) -> None:
         raise ConfigError(f"tta must be true, false or null (checkpoint's), got {cfg.tta!r}")
 
 
+def _ckpt_spec(value: Any) -> str | list[str]:
+    """``ckpt=`` as Hydra gives it: a string (or a number Hydra parsed), or a list (``ckpt=[a,b]``)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [str(v) for v in value]
+    return str(value)
+
+
+def _describe_preprocessing(predictor: Predictor) -> str:
+    """``image size 224px (bilinear)``; an ensemble lists each distinct preprocessing once."""
+    sizes = " + ".join(f"{size}px ({interpolation})" for size, interpolation in predictor.preprocessing)
+    return f"image size {sizes}"
+
+
 def _output_csv(cfg: Any) -> Path:
     if cfg.get("output"):
         return Path(str(cfg.output)).expanduser()
@@ -444,8 +514,8 @@ def run_predict(cfg: Any) -> int:
     """
     _check_settings(cfg)
     keep_freed_memory()
-    ckpt_path = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
-    print(f"checkpoint: {ckpt_path}")
+    predictor = load_predictor(_ckpt_spec(cfg.ckpt), cfg.log_dir)
+    print(f"checkpoint: {predictor.source}")
     if cfg.get("input") is None:
         default = Path(str(cfg.data.root)).expanduser() / "test"
         if not default.is_dir():
@@ -459,15 +529,15 @@ def run_predict(cfg: Any) -> int:
     paths = collect_inputs(input_spec)
     device = resolve_device(cfg.device)
     csv_path = _output_csv(cfg)
-    model = load_model(ckpt_path)
-    threshold = model.threshold if cfg.get("threshold") is None else float(cfg.threshold)
-    source = "checkpoint" if cfg.get("threshold") is None else "threshold="
+    threshold = predictor.threshold if cfg.get("threshold") is None else float(cfg.threshold)
+    source = predictor.threshold_source if cfg.get("threshold") is None else "threshold="
+    calibration = "" if predictor.temperature == 1.0 else f"; temperature {predictor.temperature:.4f}"
     print(
-        f"input: {input_spec} ({len(paths)} files); image size {model.image_size}px "
-        f"({model.interpolation}); device {device}; threshold {threshold:.4f} (from {source})"
+        f"input: {input_spec} ({len(paths)} files); {_describe_preprocessing(predictor)}; "
+        f"device {device}; threshold {threshold:.4f} (from {source}){calibration}"
     )
     rows = predict_files(
-        model,
+        predictor,
         paths,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
@@ -489,7 +559,7 @@ def run_predict(cfg: Any) -> int:
 
         metrics_path = write_metrics_json(
             csv_path.parent / "metrics.json",
-            {"checkpoint": str(ckpt_path), "input": input_spec, **metrics},
+            {"checkpoint": predictor.source, "input": input_spec, **metrics},
         )
         print(
             f"metrics on {metrics['n']} files labelled by their NORMAL/PNEUMONIA folder: "
