@@ -12,7 +12,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
@@ -25,7 +25,7 @@ from xray.evaluation import (
     write_report,
 )
 from xray.reporting import write_plots
-from xray.runtime import keep_freed_memory
+from xray.runtime import keep_freed_memory, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
+    requested = cfg.trainer.get("precision")
+    with open_dict(cfg):
+        cfg.trainer.precision = resolve_precision(requested, str(cfg.trainer.get("accelerator", "auto")))
+    if str(requested) == "auto":
+        log.info("trainer.precision=auto -> %s on this machine", cfg.trainer.precision)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -84,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "threshold": model.threshold,
         "threshold_rule": model.threshold_rule,
         "temperature": model.temperature,
+        "precision": str(cfg.trainer.precision),
         "fold": datamodule.fold if datamodule.n_folds else None,
         "n_folds": datamodule.n_folds,
         **results,
