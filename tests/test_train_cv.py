@@ -83,3 +83,24 @@ def test_cv_command_pools_the_folds(fold_runs: list[Path], tmp_path: Path) -> No
     assert n == 80 == summary["n_images"]  # every training image scored once, out of fold
     assert "## Pooled out-of-fold metrics" in (tmp_path / "cv_report.md").read_text()
     assert 0 < summary["threshold"] <= 1 and summary["temperature"] > 0
+    assert summary["pooled_shift"] is None or "mean" in summary["pooled_shift"]
+
+
+def test_cv_shift_youden_pools_the_shifted_predictions(fold_runs: list[Path], tmp_path: Path) -> None:
+    import torch
+
+    from xray.calibration import apply_temperature
+    from xray.evaluation import choose_threshold
+
+    assert cv_main([str(p) for p in fold_runs] + ["--out", str(tmp_path), "--threshold-rule", "shift_youden"]) == 0
+    summary = json.loads((tmp_path / "cv_metrics.json").read_text())
+    labels, logits = [], []
+    for run in fold_runs:
+        for row in csv.DictReader(open(run / "val_shift_predictions.csv")):  # noqa: SIM115
+            labels.append(int(row["label"]))
+            logits.append(float(row["logit"]))
+    assert len(labels) == 2 * 24 * (len(SHIFTS) + 1)  # clean + every shift, for each fold's subset
+    probs = apply_temperature(torch.tensor(logits, dtype=torch.float64), summary["temperature"])
+    assert summary["threshold"] == pytest.approx(choose_threshold(probs, torch.tensor(labels), rule="youden"))
+    assert set(SHIFTS) <= set(summary["pooled_shift"])
+    assert "## Pooled shift validation" in (tmp_path / "cv_report.md").read_text()

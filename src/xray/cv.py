@@ -53,7 +53,9 @@ __all__ = [
 ]
 
 PREDICTIONS_FILE = "val_predictions.csv"
+SHIFT_PREDICTIONS_FILE = "val_shift_predictions.csv"
 METRICS_FILE = "metrics.json"
+CV_THRESHOLD_RULES: tuple[str, ...] = (*THRESHOLD_RULES, "shift_youden")
 # Per-fold columns: the run's own clean validation metrics, and the mean over its shifted validations.
 FOLD_METRICS: tuple[str, ...] = ("auroc", "accuracy", "sensitivity", "specificity", "log_loss", "brier")
 SHIFT_METRICS: tuple[str, ...] = ("auroc", "log_loss", "brier", "sensitivity", "specificity")
@@ -90,6 +92,8 @@ class FoldRun:
     n_folds: int
     predictions: Predictions
     metrics: dict[str, Any] = field(default_factory=dict)
+    # shift name -> (labels, raw logits) of the run's shift-validation images, when it wrote them
+    shifted: dict[str, tuple[Tensor, Tensor]] | None = None
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -178,7 +182,26 @@ def _load_run(run_dir: Path) -> FoldRun:
     if n_folds < 2 or not 0 <= fold < n_folds:
         raise CVError(f"{metrics_path}: fold {fold} is not in [0, n_folds) with n_folds={n_folds} >= 2")
     predictions = _read_predictions(run_dir / PREDICTIONS_FILE)
-    return FoldRun(run_dir=run_dir, fold=fold, n_folds=n_folds, predictions=predictions, metrics=metrics)
+    shifted = _read_shift_predictions(run_dir / SHIFT_PREDICTIONS_FILE)
+    return FoldRun(
+        run_dir=run_dir, fold=fold, n_folds=n_folds, predictions=predictions, metrics=metrics, shifted=shifted
+    )
+
+
+def _read_shift_predictions(path: Path) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """Parse ``val_shift_predictions.csv`` (shift, label, logit); None when the run wrote none."""
+    if not path.is_file():
+        return None
+    rows: dict[str, tuple[list[int], list[float]]] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line_no, row in enumerate(csv.DictReader(handle), start=2):
+            try:
+                labels, logits = rows.setdefault(row["shift"], ([], []))
+                labels.append(int(row["label"]))
+                logits.append(float(row["logit"]))
+            except (KeyError, TypeError, ValueError):
+                raise CVError(f"{path}:{line_no}: malformed row (expected shift,label,logit)") from None
+    return {k: (torch.tensor(y, dtype=torch.long), torch.tensor(z, dtype=torch.float64)) for k, (y, z) in rows.items()}
 
 
 def _run_dirs(path: Path) -> list[Path]:
@@ -337,8 +360,8 @@ def aggregate(
     probabilities (the k runs' own thresholds were each fitted on one small fold). Returns a
     JSON-ready dict (what ``cv_metrics.json`` holds).
     """
-    if threshold_rule not in THRESHOLD_RULES:
-        raise CVError(f"unknown threshold rule {threshold_rule!r}; expected one of {list(THRESHOLD_RULES)}")
+    if threshold_rule not in CV_THRESHOLD_RULES:
+        raise CVError(f"unknown threshold rule {threshold_rule!r}; expected one of {list(CV_THRESHOLD_RULES)}")
     if threshold_rule == "sensitivity" and not 0.0 < target_sensitivity <= 1.0:
         raise CVError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
     if n_bootstrap < 1:
@@ -360,7 +383,15 @@ def aggregate(
     run_probs = torch.cat([r.predictions.probs for r in runs])
     temperature = fit_temperature(logits, labels)
     probs = apply_temperature(logits, temperature)
-    threshold = choose_threshold(probs, labels, rule=threshold_rule, target_sensitivity=target_sensitivity)
+    shifted = _pooled_shifts(runs)
+    if threshold_rule == "shift_youden":
+        if shifted is None:
+            raise CVError("--threshold-rule shift_youden needs every run's val_shift_predictions.csv")
+        pooled_labels = torch.cat([y for y, _ in shifted.values()])
+        pooled_probs = apply_temperature(torch.cat([z for _, z in shifted.values()]), temperature)
+        threshold = choose_threshold(pooled_probs, pooled_labels, rule="youden")
+    else:
+        threshold = choose_threshold(probs, labels, rule=threshold_rule, target_sensitivity=target_sensitivity)
     pooled = evaluate(probs, labels, threshold, n_boot=n_bootstrap, seed=seed)
     pooled["log_loss"] = log_loss(logits, labels, temperature)
 
@@ -419,6 +450,7 @@ def aggregate(
         "threshold": float(threshold),
         "temperature": float(temperature),
         "pooled": pooled,
+        "pooled_shift": _pooled_shift_metrics(shifted, threshold, temperature),
         "calibration": calibration,
         "folds": folds,
         "fold_summary": {
@@ -485,6 +517,31 @@ def _confidence(temperature: float) -> str:
     if temperature < 1.0:
         return "T < 1: the raw logits were under-confident and are sharpened"
     return "T = 1: no change"
+
+
+def _pooled_shifts(runs: Sequence[FoldRun]) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """Every run's shift-validation (labels, logits) concatenated per shift; None unless all runs have them."""
+    if not runs or any(r.shifted is None for r in runs):
+        return None
+    names = list(runs[0].shifted or {})
+    if any(list(r.shifted or {}) != names for r in runs):
+        raise CVError("runs were shift-validated with different shift suites; retrain them with one")
+    return {
+        name: (torch.cat([r.shifted[name][0] for r in runs]), torch.cat([r.shifted[name][1] for r in runs]))  # type: ignore[index]
+        for name in names
+    }
+
+
+def _pooled_shift_metrics(
+    shifted: dict[str, tuple[Tensor, Tensor]] | None, threshold: float, temperature: float
+) -> dict[str, dict[str, float]] | None:
+    """Shift-validation metrics of the pooled out-of-fold images at the pooled operating point."""
+    if shifted is None:
+        return None
+    from xray.shifts import shift_metrics
+
+    labels = next(iter(shifted.values()))[0]
+    return shift_metrics({k: z.float() for k, (_, z) in shifted.items()}, labels, threshold, temperature)
 
 
 def render_cv_report(result: Mapping[str, Any]) -> str:
@@ -555,6 +612,15 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
     ]
     lines += _table(["probabilities", "T", "log loss", "ECE (15 bins)", "Brier"], cal_rows)
     lines.append("")
+    if result.get("pooled_shift"):
+        from xray.shifts import render_shift_table
+
+        lines += [
+            "## Pooled shift validation (out-of-fold images under acquisition shifts)",
+            "",
+            render_shift_table(result["pooled_shift"], threshold=t),
+            "",
+        ]
 
     # -- per fold, own operating points
     folds, summary = result["folds"], result["fold_summary"]
@@ -648,7 +714,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default: DIR when one is given)"
     )
-    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="youden")
+    parser.add_argument(
+        "--threshold-rule",
+        choices=CV_THRESHOLD_RULES,
+        default="youden",
+        help="shift_youden: Youden's J on the pooled shift-validation predictions (clean + shifted)",
+    )
     parser.add_argument(
         "--target-sensitivity", type=float, default=0.95, help="for --threshold-rule sensitivity"
     )

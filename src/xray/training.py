@@ -152,6 +152,8 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
         log_shift_metrics(results["val_shift"], trainer.loggers, step=trainer.global_step)
     if trainer.is_global_zero:
         write_predictions(Path(cfg.paths.output_dir) / "val_predictions.csv", datamodule, index, labels, logits, probs)
+        if shifted is not None:
+            write_shift_predictions(Path(cfg.paths.output_dir) / "val_shift_predictions.csv", shifted, shift_labels)
     if cfg.get("test") and "test" in datamodule.datasets:
         trainer.test(model, datamodule=datamodule, verbose=False)
         probs, labels, index = model.collected()
@@ -204,6 +206,18 @@ def write_predictions(
         writer.writerow(["path", "label", "logit", "prob"])
         for i, y, z, p in zip(index.tolist(), labels.tolist(), logits.tolist(), probs.tolist(), strict=True):
             writer.writerow([str(records[i].path), int(y), f"{z:.6g}", f"{p:.6g}"])
+    return path
+
+
+def write_shift_predictions(path: Path, shifted: dict[str, torch.Tensor], labels: torch.Tensor) -> Path:
+    """``val_shift_predictions.csv``: shift, label, raw logit per (shift, image); ``xray.cv`` pools them."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["shift", "label", "logit"])
+        for name, values in shifted.items():
+            writer.writerows([name, int(y), f"{z:.6g}"] for y, z in zip(labels.tolist(), values.tolist(), strict=True))
     return path
 
 
