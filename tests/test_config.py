@@ -12,7 +12,7 @@ from tests.helpers import compose_config, run_script
 from xray.config_checks import ConfigError, validate_config
 
 
-@pytest.mark.parametrize("experiment", ["seed", "smoke"])
+@pytest.mark.parametrize("experiment", ["seed", "smoke", "cpu_fast", "cpu_transfer", "cpu_transfer_cv", "best"])
 def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> None:
     cfg = compose_config(tmp_path / "data", tmp_path / "run", [f"experiment={experiment}"], tiny=False)
     validate_config(cfg)
@@ -20,6 +20,21 @@ def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> No
         assert cfg.data.image_size == 500 and cfg.data.batch_size == 40
         assert cfg.callbacks.early_stopping.patience == 4 and cfg.model.scheduler.patience == 3
         assert cfg.model.optimizer.eps == 1e-7
+    if experiment.startswith("cpu_transfer"):
+        assert cfg.model.net._target_ == "xray.models.EfficientNetLite" and cfg.model.net.pretrained
+        assert cfg.evaluation.shifts and cfg.evaluation.threshold_rule == "shift_youden"
+    if experiment == "cpu_transfer_cv":
+        assert cfg.data.n_folds == 5
+
+
+def test_cv_experiment_sweeps_the_folds(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=cpu_transfer_cv"], return_hydra_config=True)
+    assert str(cfg.hydra.sweeper.params["data.fold"]) == "0,1,2,3,4"
 
 
 def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
@@ -45,6 +60,7 @@ def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
         ("data.val_fraction=0", "data.val_fraction"),
         ("model.optimizer.lr=-1", "model.optimizer.lr"),
         ("evaluation.threshold_rule=magic", "evaluation.threshold_rule"),
+        ("+data.appearance.hue=0.1", "data.appearance"),
         ("+data.colour=red", "data.colour"),
         ("+model.net.depth=3", "model.net.depth"),
     ],

@@ -31,6 +31,23 @@ def _zoom_ok(v: Any) -> bool:
     return False
 
 
+def _appearance_keys() -> frozenset[str]:
+    from xray.transforms import appearance_augment_batch
+
+    return frozenset(inspect.signature(appearance_augment_batch).parameters) - {"images", "generator"}
+
+
+APPEARANCE_KEYS = _appearance_keys()
+
+
+def _appearance_ok(v: Any) -> bool:
+    if v is None:
+        return True
+    if not isinstance(v, DictConfig):
+        return False
+    return set(v) <= APPEARANCE_KEYS and all(_is_num(v[k]) and v[k] >= 0 for k in v) and v.get("blur_p", 0) <= 1
+
+
 # key -> (check, what it must be)
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": (lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
@@ -49,6 +66,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.augment.shear_range": (lambda v: _is_num(v) and v >= 0, "a number of degrees >= 0"),
     "data.augment.zoom_range": (_zoom_ok, "a number in [0, 1) or a pair [lo, hi] with 0 < lo <= hi"),
     "data.augment.fill_mode": (lambda v: v == "nearest", "'nearest' (edge replication; the only mode built)"),
+    "data.appearance": (
+        _appearance_ok,
+        f"null or a mapping of {', '.join(sorted(APPEARANCE_KEYS))} to numbers >= 0 (blur_p <= 1)",
+    ),
     "trainer.max_epochs": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),
     "model.optimizer.lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "model.label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
