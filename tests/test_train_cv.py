@@ -104,3 +104,30 @@ def test_cv_shift_youden_pools_the_shifted_predictions(fold_runs: list[Path], tm
     assert summary["threshold"] == pytest.approx(choose_threshold(probs, torch.tensor(labels), rule="youden"))
     assert set(SHIFTS) <= set(summary["pooled_shift"])
     assert "## Pooled shift validation" in (tmp_path / "cv_report.md").read_text()
+
+
+def test_cv_writes_the_fold_models_as_one_ensemble(fold_runs: list[Path], session_dataset: Path, tmp_path: Path) -> None:
+    import torch
+
+    from xray.checkpoints import load_model, load_predictor
+    from xray.inference import predict_files
+
+    out = tmp_path / "ensemble"
+    assert cv_main([*map(str, fold_runs), "--out", str(tmp_path), "--ensemble-out", str(out)]) == 0
+    manifest = json.loads((out / "ensemble.json").read_text())
+    summary = json.loads((tmp_path / "cv_metrics.json").read_text())
+    assert manifest["members"] == ["fold0.ckpt", "fold1.ckpt"]
+    assert manifest["threshold"] == pytest.approx(summary["threshold"])
+    assert manifest["temperature"] == pytest.approx(summary["temperature"])
+    files = sorted((session_dataset / "test").rglob("*.jpeg"))[:6]
+    rows = predict_files(load_predictor(str(out)), files, device="cpu")
+    members = [load_model(out / m) for m in manifest["members"]]
+    from xray.data.cache import load_resized
+    from xray.transforms import rescale
+
+    images = rescale(torch.stack([torch.from_numpy(load_resized(f, 48, "bilinear")).unsqueeze(0) for f in files]))
+    with torch.no_grad():
+        mean_logit = torch.stack([m.net(images) for m in members]).mean(0)
+    expected = torch.sigmoid(mean_logit / manifest["temperature"])
+    assert [r.prob_pneumonia for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert (out / "fold0.ckpt").stat().st_size < (fold_runs[0] / "checkpoints" / "best_xray_model.ckpt").stat().st_size

@@ -715,6 +715,12 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="output folder (default: DIR when one is given)"
     )
     parser.add_argument(
+        "--ensemble-out",
+        type=Path,
+        default=None,
+        help="also write the fold models as one ensemble (float16 copies + ensemble.json) into this folder",
+    )
+    parser.add_argument(
         "--threshold-rule",
         choices=CV_THRESHOLD_RULES,
         default="youden",
@@ -744,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
         json_path, md_path = write_cv_report(result, out_dir)
+        manifest = write_fold_ensemble(runs, result, args.ensemble_out) if args.ensemble_out else None
     except (CVError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -761,7 +768,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"specificity {_num(m['specificity'])}; temperature {_num(result['temperature'])}"
     )
     print(f"wrote {md_path} and {json_path}")
+    if manifest is not None:
+        print(f"ensemble of {len(runs)} fold models: {manifest} (python predict.py ckpt={manifest.parent})")
     return 0
+
+
+def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """The fold models as one ensemble: slim float16 copies of each best checkpoint plus ``ensemble.json``
+    holding the pooled out-of-fold temperature and threshold (what ``predict.py ckpt=DIR`` applies to
+    the mean of the members' logits)."""
+    from xray.checkpoints import BEST_NAME, export_for_inference, write_ensemble_manifest
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    members = []
+    for run in runs:
+        source = run.run_dir / "checkpoints" / BEST_NAME
+        if not source.is_file():
+            raise CVError(f"{source}: fold {run.fold}'s best checkpoint is missing")
+        members.append(export_for_inference(source, out_dir / f"fold{run.fold}.ckpt", half=True))
+    pooled = result["pooled"]["at_threshold"]
+    return write_ensemble_manifest(
+        out_dir,
+        members,
+        threshold=result["threshold"],
+        temperature=result["temperature"],
+        threshold_rule=f"{result['threshold_rule']} on pooled out-of-fold predictions",
+        description=f"{len(runs)} fold models of one {result['n_folds']}-fold patient-grouped cross-validation",
+        out_of_fold={k: pooled[k] for k in ("auroc", "accuracy", "sensitivity", "specificity")},
+        n_out_of_fold=result["n_images"],
+    )
 
 
 if __name__ == "__main__":
