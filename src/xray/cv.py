@@ -30,6 +30,8 @@ from torch import Tensor
 
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.evaluation import (
+    REPORT_ROWS,
+    THRESHOLD_FREE,
     THRESHOLD_RULES,
     choose_threshold,
     classification_metrics,
@@ -464,20 +466,8 @@ def aggregate(
 
 
 # ------------------------------------------------------------------------------------------- report
-_POOLED_ROWS: tuple[tuple[str, str], ...] = (
-    ("auroc", "AUROC"),
-    ("accuracy", "Accuracy"),
-    ("sensitivity", "Sensitivity (recall PNEUMONIA)"),
-    ("specificity", "Specificity"),
-    ("ppv", "PPV (precision)"),
-    ("npv", "NPV"),
-    ("f1", "F1"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("average_precision", "Average precision"),
-    ("brier", "Brier score"),
-    ("ece", "ECE (15 bins)"),
-)
-_THRESHOLD_FREE = frozenset({"auroc", "average_precision", "brier", "ece"})
+# the run report's rows, AUROC first: ranking is what pooling out-of-fold predictions measures best
+_POOLED_ROWS = tuple(sorted(REPORT_ROWS, key=lambda row: row[0] != "auroc"))
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -572,7 +562,7 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
         rows.append(
             [
                 label,
-                _with_ci(at_half, ci.get(key) if key in _THRESHOLD_FREE else None),
+                _with_ci(at_half, ci.get(key) if key in THRESHOLD_FREE else None),
                 _with_ci(at_t, ci.get(key)),
             ]
         )

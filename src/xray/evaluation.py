@@ -426,7 +426,7 @@ def write_metrics_json(path: str | os.PathLike[str], payload: Mapping[str, Any])
 
 
 # --------------------------------------------------------------------------------------------- report
-_REPORT_ROWS: tuple[tuple[str, str], ...] = (
+REPORT_ROWS: tuple[tuple[str, str], ...] = (
     ("accuracy", "Accuracy"),
     ("auroc", "AUROC"),
     ("sensitivity", "Sensitivity (recall PNEUMONIA)"),
@@ -439,7 +439,7 @@ _REPORT_ROWS: tuple[tuple[str, str], ...] = (
     ("brier", "Brier score"),
     ("ece", "ECE (15 bins)"),
 )
-_THRESHOLD_FREE = frozenset({"auroc", "average_precision", "brier", "ece"})
+THRESHOLD_FREE = frozenset({"auroc", "average_precision", "brier", "ece"})
 _SPLIT_ORDER = ("train", "val", "test")
 
 
@@ -529,13 +529,13 @@ def render_report(
             header += [f"{split} @ 0.5", f"{split} @ {_num(t)}" if t is not None else f"{split} @ threshold"]
             columns += [(r, "at_0.5"), (r, "at_threshold")]
         lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        for key, label in _REPORT_ROWS:
+        for key, label in REPORT_ROWS:
             cells = []
             for r, which in columns:
                 ci_all = r.get("ci") or {}
                 thresh = r.get("threshold")
                 # CIs are computed at the chosen threshold; threshold-free metrics' CIs hold at 0.5 too.
-                use_ci = which == "at_threshold" or key in _THRESHOLD_FREE or thresh == 0.5
+                use_ci = which == "at_threshold" or key in THRESHOLD_FREE or thresh == 0.5
                 cells.append(_cell((r.get(which) or {}).get(key), ci_all.get(key) if use_ci else None))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         confusion = []
