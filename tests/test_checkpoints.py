@@ -25,19 +25,23 @@ def test_export_for_inference_keeps_predictions(trained_run: Path, tmp_path: Pat
 
 @pytest.mark.skipif(not PRETRAINED_PATH.exists(), reason="no shipped model yet")
 def test_shipped_model_predicts_out_of_the_box(tmp_path: Path) -> None:
+    """``predict.py ckpt=pretrained`` as a user runs it: the shipped ensemble, within the size budget."""
+    import csv
+
     from PIL import Image
 
     from tests.conftest import synthetic_xray
-    from xray.inference import predict_files
+    from tests.helpers import run_script
+    from xray.checkpoints import load_predictor
 
-    assert PRETRAINED_PATH.stat().st_size <= 15 * 1024 * 1024
-    model = load_model(PRETRAINED_PATH)
+    files = [PRETRAINED_PATH] if PRETRAINED_PATH.is_file() else list(PRETRAINED_PATH.iterdir())
+    assert sum(f.stat().st_size for f in files) <= 50 * 1024 * 1024
+    predictor = load_predictor("pretrained")
+    assert predictor.threshold != 0.5 and predictor.temperature > 0  # chosen out of fold, travels with it
     rng = __import__("numpy").random.default_rng(0)
-    paths = []
     for i in range(3):
-        path = tmp_path / f"film{i}.png"
-        Image.fromarray(synthetic_xray(i % 2, 300, rng)).save(path)
-        paths.append(path)
-    rows = predict_files(model, paths, batch_size=2)
-    assert len(rows) == 3 and all(r.error in (None, "") and 0.0 <= r.prob_pneumonia <= 1.0 for r in rows)
-    assert model.threshold != 0.5  # the validation-chosen threshold travels with the model
+        Image.fromarray(synthetic_xray(i % 2, 300, rng)).save(tmp_path / f"film{i}.png")
+    proc = run_script("predict.py", ["ckpt=pretrained", f"input={tmp_path}", f"output={tmp_path / 'p.csv'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))  # noqa: SIM115
+    assert len(rows) == 3 and all(0.0 <= float(r["prob_pneumonia"]) <= 1.0 and not r["error"] for r in rows)
