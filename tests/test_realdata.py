@@ -38,3 +38,15 @@ def test_learns_on_real_xrays(tmp_path: Path, precision: str) -> None:
     assert val["n"] == 526  # the whole patient-grouped validation split, never the test split
     assert "test" not in metrics
     assert val["auroc"] > 0.85
+
+
+@pytest.mark.realdata
+def test_shipped_model_on_the_official_val_folder(tmp_path: Path) -> None:
+    """``predict.py ckpt=pretrained`` on the 16 official val/ films (never used for training or selection)."""
+    from tests.helpers import run_script
+
+    proc = run_script("predict.py", ["ckpt=pretrained", f"input={REAL_DATA / 'val'}", f"output={tmp_path / 'p.csv'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 16
+    assert metrics["accuracy"] >= 14 / 16 and metrics["auroc"] >= 0.95  # measured: 16/16, AUROC 1.0

@@ -30,7 +30,7 @@ from xray.models import build_net
 
 BEST_NAME = "best_xray_model.ckpt"
 LAST_NAME = "last.ckpt"
-PRETRAINED_PATH = Path(__file__).resolve().parents[2] / "models" / "xray_cpu_fast.ckpt"
+PRETRAINED_PATH = Path(__file__).resolve().parents[2] / "models" / "xray_cpu_transfer"
 CHECKPOINT_KEY = "xray"
 MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 1

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xray.calibration import apply_temperature, fit_temperature, log_loss
+from xray.checkpoints import CheckpointError
 from xray.evaluation import (
     REPORT_ROWS,
     THRESHOLD_FREE,
@@ -741,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         json_path, md_path = write_cv_report(result, out_dir)
         manifest = write_fold_ensemble(runs, result, args.ensemble_out) if args.ensemble_out else None
-    except (CVError, ValueError) as err:
+    except (CVError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # e.g. the output folder cannot be written
@@ -776,7 +777,7 @@ def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_
         source = run.run_dir / "checkpoints" / BEST_NAME
         if not source.is_file():
             raise CVError(f"{source}: fold {run.fold}'s best checkpoint is missing")
-        members.append(export_for_inference(source, out_dir / f"fold{run.fold}.ckpt", half=True))
+        members.append(export_for_inference(source, out_dir / f"fold{run.fold}.ckpt", half=True).name)
     pooled = result["pooled"]["at_threshold"]
     return write_ensemble_manifest(
         out_dir,
