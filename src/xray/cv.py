@@ -390,9 +390,10 @@ def aggregate(
     if threshold_rule == "shift_youden":
         if shifted is None:
             raise CVError("--threshold-rule shift_youden needs every run's val_shift_predictions.csv")
-        pooled_labels = torch.cat([y for y, _ in shifted.values()])
-        pooled_probs = apply_temperature(torch.cat([z for _, z in shifted.values()]), temperature)
-        threshold = choose_threshold(pooled_probs, pooled_labels, rule="youden")
+        from xray.shifts import shift_youden_threshold
+
+        labels_sub = next(iter(shifted.values()))[0]  # every shift scores the same images
+        threshold = shift_youden_threshold({k: z for k, (_, z) in shifted.items()}, labels_sub, temperature)
     else:
         threshold = choose_threshold(probs, labels, rule=threshold_rule, target_sensitivity=target_sensitivity)
     pooled = evaluate(probs, labels, threshold, n_boot=n_bootstrap, seed=seed)

@@ -289,6 +289,17 @@ def _binary_metrics(logits: Tensor, labels: Tensor, threshold: float, temperatur
     }
 
 
+def shift_youden_threshold(logits_by_shift: dict[str, Tensor], labels: Tensor, temperature: float = 1.0) -> float:
+    """Youden's J on the clean and shifted scores pooled (the ``shift_youden`` rule): an operating point
+    that holds when acquisition changes, where a clean-only one sits anywhere in a wide gap."""
+    from xray.calibration import apply_temperature
+    from xray.evaluation import choose_threshold
+
+    pooled = torch.cat([z.reshape(-1) for z in logits_by_shift.values()])
+    probs = apply_temperature(pooled, temperature)
+    return choose_threshold(probs, labels.reshape(-1).repeat(len(logits_by_shift)), rule="youden")
+
+
 def shift_metrics(
     logits_by_shift: dict[str, Tensor], labels: Tensor, threshold: float, temperature: float = 1.0
 ) -> dict[str, dict[str, float]]:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
 from xray.config_checks import validate_config
+from xray.cv import PREDICTIONS_FILE, SHIFT_PREDICTIONS_FILE
 from xray.evaluation import (
     choose_threshold,
     classification_metrics,
@@ -119,18 +120,12 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     rule = str(ev.threshold_rule)
     if rule == "shift_youden" and shifted is None:
         raise ValueError("evaluation.threshold_rule=shift_youden needs evaluation.shifts=true")
-    if rule == "shift_youden":  # Youden's J on clean + shifted validation scores pooled
-        pooled = torch.cat(list(shifted.values()))
-        threshold_probs = apply_temperature(pooled, model.temperature)
-        threshold_labels = shift_labels.repeat(len(shifted))
+    if rule == "shift_youden":
+        from xray.shifts import shift_youden_threshold
+
+        model.threshold = shift_youden_threshold(shifted, shift_labels, model.temperature)
     else:
-        threshold_probs, threshold_labels = probs, labels
-    model.threshold = choose_threshold(
-        threshold_probs,
-        threshold_labels,
-        rule="youden" if rule == "shift_youden" else rule,
-        target_sensitivity=ev.target_sensitivity,
-    )
+        model.threshold = choose_threshold(probs, labels, rule=rule, target_sensitivity=ev.target_sensitivity)
     model.threshold_rule = rule
     if best_path is not None and best_path.exists() and trainer.is_global_zero:
         update_checkpoint_meta(
@@ -151,9 +146,9 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
         results["val_shift"] = shift_metrics(shifted, shift_labels, model.threshold, model.temperature)
         log_shift_metrics(results["val_shift"], trainer.loggers, step=trainer.global_step)
     if trainer.is_global_zero:
-        write_predictions(Path(cfg.paths.output_dir) / "val_predictions.csv", datamodule, index, labels, logits, probs)
+        write_predictions(Path(cfg.paths.output_dir) / PREDICTIONS_FILE, datamodule, index, labels, logits, probs)
         if shifted is not None:
-            write_shift_predictions(Path(cfg.paths.output_dir) / "val_shift_predictions.csv", shifted, shift_labels)
+            write_shift_predictions(Path(cfg.paths.output_dir) / SHIFT_PREDICTIONS_FILE, shifted, shift_labels)
     if cfg.get("test") and "test" in datamodule.datasets:
         trainer.test(model, datamodule=datamodule, verbose=False)
         probs, labels, index = model.collected()
