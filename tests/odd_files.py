@@ -238,11 +238,15 @@ def make_odd_files(directory: str | Path) -> dict[str, Path]:
 
 
 def make_valid_files(directory: str | Path) -> dict[str, Path]:
-    """A few small readable files (gray PNG/JPEG, RGB PNG, 16-bit PNG, DICOM) keyed by name."""
+    """A few small readable files (gray PNG/JPEG, RGB PNG, 16-bit PNG, WebP, GIF, DICOM) keyed by name."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     gray = gradient_image()
+    Image.fromarray(gray).save(d / "gray.webp", "WEBP", lossless=True)
+    Image.fromarray(gray).save(d / "gray.gif", "GIF")
     return {
+        "webp": d / "gray.webp",
+        "gif": d / "gray.gif",
         "gray_png": write_png(d / "gray.png", gray),
         "gray_jpeg": _write_bytes(d / "gray.jpg", jpeg_bytes(gray)),
         "rgb_png": write_png(d / "rgb.png", noise_image(48, 64, 3)),

@@ -28,8 +28,9 @@ from tests.odd_files import (
     write_truncated_jpeg,
     write_zero_byte,
 )
+from xray.constants import IMAGE_EXTENSIONS
 from xray.data import io as xio
-from xray.data.io import SUPPORTED_EXTENSIONS, ImageReadError, probe_image, read_image
+from xray.data.io import SUPPORTED_EXTENSIONS, ImageReadError, probe_image, read_image, read_image_info
 
 
 def _read(path) -> np.ndarray:
@@ -72,7 +73,9 @@ def _expect_error(path, *fragments: str) -> ImageReadError:
 
 
 def test_supported_extensions():
-    assert {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"} == SUPPORTED_EXTENSIONS
+    expected = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom"}
+    assert expected == SUPPORTED_EXTENSIONS
+    assert SUPPORTED_EXTENSIONS is IMAGE_EXTENSIONS  # one list for the whole project
     assert isinstance(SUPPORTED_EXTENSIONS, frozenset)
     assert all(e == e.lower() for e in SUPPORTED_EXTENSIONS)
 
@@ -434,6 +437,69 @@ def test_missing_file(tmp_path):
     _expect_error(tmp_path / "nope.png", "file not found")
 
 
+# ---------------------------------------------------------------------- WebP, GIF, EXIF, frame counts
+
+
+def _oriented_pair(tmp_path, fmt: str, suffix: str, orientation: int = 6):
+    """A sideways-stored film (EXIF says rotate) and the same picture stored upright."""
+    upright = np.zeros((64, 32), dtype=np.uint8)
+    upright[:32] = 230  # top half bright: which way up it is read is visible
+    stored = np.ascontiguousarray(np.rot90(upright, k=1 if orientation == 6 else -1))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    sideways = tmp_path / f"sideways{suffix}"
+    Image.fromarray(stored).save(sideways, fmt, exif=exif.tobytes(), **kwargs)
+    straight = tmp_path / f"upright{suffix}"
+    Image.fromarray(upright).save(straight, fmt, **kwargs)
+    return sideways, straight, upright
+
+
+@pytest.mark.parametrize("fmt,suffix", [("PNG", ".png"), ("WEBP", ".webp"), ("TIFF", ".tif")])
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_orientation_applied_to_png_webp_tiff(tmp_path, fmt, suffix, orientation):
+    sideways, straight, upright = _oriented_pair(tmp_path, fmt, suffix, orientation)
+    out, info = read_image_info(sideways)
+    np.testing.assert_array_equal(out[0].numpy(), upright)
+    np.testing.assert_array_equal(out[0].numpy(), _read(straight))
+    assert (info.width, info.height, info.frames) == (32, 64, 1)
+
+
+def test_webp_reads_like_png(tmp_path):
+    rgb = noise_image(24, 40, channels=3, seed=3)
+    webp = tmp_path / "film.webp"
+    Image.fromarray(rgb).save(webp, "WEBP", lossless=True)
+    png = write_png(tmp_path / "film.png", rgb)
+    np.testing.assert_array_equal(_read(webp), _read(png))
+    assert read_image_info(webp)[1].format == "WEBP"
+
+
+@pytest.mark.parametrize("fmt,suffix", [("GIF", ".gif"), ("WEBP", ".webp")])
+def test_animated_file_gives_first_frame_and_frame_count(tmp_path, fmt, suffix):
+    frames = [Image.fromarray(np.full((20, 30), v, np.uint8)) for v in (10, 200, 90)]
+    p = tmp_path / f"anim{suffix}"
+    frames[0].save(
+        p, fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP" else {})
+    )
+    out, info = read_image_info(p)
+    assert out.shape == (1, 20, 30) and int(out.max()) == int(out.min()) == 10
+    assert (info.frames, info.format) == (3, fmt)
+
+
+def test_gif_palette_reads_as_luma(tmp_path):
+    gray = gradient_image(16, 24)
+    p = tmp_path / "g.gif"
+    Image.fromarray(gray).convert("P").save(p, "GIF")
+    np.testing.assert_array_equal(_read(p), np.array(Image.open(p).convert("L")))
+
+
+def test_single_frame_png_frame_count_and_same_pixels(tmp_path):
+    p = write_png(tmp_path / "one.png", gradient_image())
+    assert read_image_info(p)[1].frames == 1
+    out, info = read_image_info(p)
+    assert torch.equal(out, read_image(p))
+
+
 def test_directory(tmp_path):
     d = tmp_path / "folder.png"
     d.mkdir()
@@ -441,7 +507,7 @@ def test_directory(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,shown", [("image.xyz", "'.xyz'"), ("image.gif", "'.gif'"), ("noext", "(no extension)")]
+    "name,shown", [("image.xyz", "'.xyz'"), ("image.jp2", "'.jp2'"), ("noext", "(no extension)")]
 )
 def test_unsupported_extension(tmp_path, name, shown):
     p = tmp_path / name
@@ -525,3 +591,10 @@ def test_probe_does_not_decode(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "load", no_load)
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
     assert probe_image(p) is None
+
+
+def test_multiframe_dicom_frame_count(tmp_path):
+    frames = np.stack([gradient_image(16, 16).astype(np.uint16) * (k + 1) for k in range(3)])
+    p = write_dicom(tmp_path / "multi.dcm", frames)
+    out, info = read_image_info(p)
+    assert (info.frames, info.format, out.shape) == (3, "DICOM", (1, 16, 16))

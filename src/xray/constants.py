@@ -9,7 +9,10 @@ CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
+RASTER_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
-"""File types the scanners pick up; `read_image` decides whether a file really is readable."""
+IMAGE_EXTENSIONS: frozenset[str] = RASTER_EXTENSIONS | DICOM_EXTENSIONS
+"""The one extension list of the project: what the folder scanners (training and prediction) pick up
+and what `xray.data.io.read_image` accepts (it still decides whether a file really is readable)."""

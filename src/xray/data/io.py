@@ -6,13 +6,15 @@ can never be decoded one way when the model is trained and another way when it p
 Output
     A contiguous ``torch.uint8`` tensor of shape ``(1, H, W)``: one grayscale channel.
 
-Raster files (.jpg .jpeg .png .bmp .tif .tiff), read with Pillow, as Keras's
+Raster files (.jpg .jpeg .png .bmp .tif .tiff .webp .gif), read with Pillow, as Keras's
 ``load_img(color_mode="grayscale")`` does:
 
 * The content decides the decoder, not the extension (a PNG named ``.jpg`` is read as a PNG), but
-  only the JPEG (and MPO), PNG, BMP/DIB and TIFF decoders of Pillow are ever tried.
-* The EXIF orientation is applied (``ImageOps.exif_transpose``); an unreadable EXIF block is ignored
-  (the image is used as stored).
+  only the JPEG (and MPO), PNG, BMP/DIB, TIFF, WebP and GIF decoders of Pillow are ever tried.
+* The EXIF orientation is applied (``ImageOps.exif_transpose``) to every raster format that carries
+  one (JPEG, PNG, WebP, TIFF): a phone photo of a film stored sideways with "rotate 90" in its EXIF is
+  read upright. An unreadable EXIF block is ignored (the image is used as stored). DICOM has no EXIF
+  and is never reoriented.
 * 8-bit grayscale (``L``) is used as is.
 * Colour and other 8-bit modes (``RGB``, ``RGBA``, ``LA``, ``P``, ``CMYK``, ``YCbCr``, ``1``...)
   go through Pillow's ``Image.convert("L")``: ITU-R 601-2 luma, ``L = R*299/1000 + G*587/1000 +
@@ -26,7 +28,9 @@ Raster files (.jpg .jpeg .png .bmp .tif .tiff), read with Pillow, as Keras's
   ones with values outside that range are min/max scaled.
 * 32-bit float images (``F``) are min/max scaled to 0..255 (a constant image gives 0); NaN or
   infinite values are an error.
-* Multi-page files give their first page.
+* Multi-page and animated files (TIFF pages, GIF and WebP frames) give their first frame;
+  :func:`read_image_info` also returns the frame count, so that prediction can warn about them. A
+  GIF's palette transparency is ignored like any other alpha.
 
 DICOM files (.dcm .dicom, or any file with ``DICM`` at byte offset 128), read with pydicom:
 
@@ -37,6 +41,9 @@ DICOM files (.dcm .dicom, or any file with ``DICM`` at byte offset 128), read wi
   is, deeper colour is first min/max scaled to 8 bits.
 * Compressed transfer syntaxes need pydicom's optional decoders (pylibjpeg, gdcm, ...); without one
   the error names the transfer syntax and the package to install.
+
+:func:`read_image_info` returns the same tensor and an :class:`ImageInfo` (decoded width and height,
+frame count, format) from the same decode.
 
 Errors
     Every failure is an :class:`ImageReadError` (a ``ValueError``) whose message is
@@ -59,6 +66,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,6 +74,7 @@ import numpy as np
 import torch
 from PIL import (  # the plugins are imported so that Image.open(formats=...) knows them all
     BmpImagePlugin,  # noqa: F401
+    GifImagePlugin,  # noqa: F401
     Image,
     ImageFile,
     ImageOps,
@@ -73,7 +82,10 @@ from PIL import (  # the plugins are imported so that Image.open(formats=...) kn
     PngImagePlugin,  # noqa: F401
     TiffImagePlugin,  # noqa: F401
     UnidentifiedImageError,
+    WebPImagePlugin,  # noqa: F401
 )
+
+from xray.constants import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, RASTER_EXTENSIONS
 
 try:  # pydicom >= 3
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
@@ -94,19 +106,20 @@ __all__ = [
     "DICOM_EXTENSIONS",
     "RASTER_EXTENSIONS",
     "SUPPORTED_EXTENSIONS",
+    "ImageInfo",
     "ImageReadError",
     "probe_image",
     "read_image",
+    "read_image_info",
 ]
 
-RASTER_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
-DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
-SUPPORTED_EXTENSIONS: frozenset[str] = RASTER_EXTENSIONS | DICOM_EXTENSIONS
-"""Lowercase file extensions :func:`read_image` accepts (files with a DICOM preamble are accepted too)."""
+SUPPORTED_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS
+"""Lowercase file extensions :func:`read_image` accepts (files with a DICOM preamble are accepted too):
+``xray.constants.IMAGE_EXTENSIONS``, the project's one list."""
 
 # The only Pillow decoders ever tried: never EPS (Ghostscript) or other exotic plugins because of
 # what a file's bytes claim to be.
-_PIL_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "TIFF")  # JPEG covers MPO (multi-picture JPEG)
+_PIL_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "TIFF", "WEBP", "GIF")  # JPEG covers MPO (multi-picture JPEG)
 
 _DICOM_DECODER_HINT = (
     "install a decoder, e.g. `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
@@ -131,12 +144,31 @@ class _Reason(Exception):
     """Internal: a failure whose reason is known; turned into ImageReadError with the path."""
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file held before resizing: why prediction can warn about odd inputs.
+
+    ``width``/``height`` are those of the decoded (EXIF-oriented) image; ``frames`` the number of
+    frames or pages in the file (the first is the one read); ``format`` Pillow's name or ``DICOM``.
+    """
+
+    width: int
+    height: int
+    frames: int = 1
+    format: str = ""
+
+
 def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     """Read one image file as a contiguous ``torch.uint8`` tensor of shape ``(1, H, W)``.
 
     See the module docstring for the exact conversions. Raises :class:`ImageReadError` for every
     unreadable file.
     """
+    return read_image_info(path)[0]
+
+
+def read_image_info(path: str | os.PathLike[str]) -> tuple[torch.Tensor, ImageInfo]:
+    """:func:`read_image` plus the file's :class:`ImageInfo` (size, frame count), from the same decode."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated images would be read "
@@ -146,9 +178,9 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     try:
         header = _check_file(p)
         if _is_dicom(p, header):
-            arr = _read_dicom(p, has_preamble=header[128:132] == b"DICM")
+            arr, frames, fmt = _read_dicom(p, has_preamble=header[128:132] == b"DICM")
         else:
-            arr = _read_raster(p)
+            arr, frames, fmt = _read_raster(p)
     except _Reason as err:
         raise ImageReadError(p, str(err)) from err.__cause__
     except (ImageReadError, MemoryError, RecursionError):
@@ -157,7 +189,10 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
         raise ImageReadError(p, f"cannot read image: {_short(err)}") from err
     if arr.ndim != 2 or arr.dtype != np.uint8 or 0 in arr.shape:  # pragma: no cover - internal check
         raise ImageReadError(p, f"decoded to an unexpected array {arr.dtype}{arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0).contiguous()
+    info = ImageInfo(
+        width=int(arr.shape[1]), height=int(arr.shape[0]), frames=max(int(frames), 1), format=fmt
+    )
+    return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0).contiguous(), info
 
 
 def probe_image(path: str | os.PathLike[str]) -> str | None:
@@ -271,7 +306,19 @@ def _open_pil(fh: BinaryIO) -> Iterator[Image.Image]:
         img.close()
 
 
-def _read_raster(p: Path) -> np.ndarray:
+def _frame_count(img: Image.Image) -> int:
+    """Frames or pages of a file; an MPO's extra pictures (previews, depth maps) are not frames."""
+    if img.format == "MPO":
+        return 1
+    try:
+        return int(getattr(img, "n_frames", 1) or 1)
+    except (MemoryError, RecursionError):
+        raise
+    except Exception:  # a broken frame index: at least the first frame decoded
+        return 1
+
+
+def _read_raster(p: Path) -> tuple[np.ndarray, int, str]:
     with open(p, "rb") as fh, _open_pil(fh) as img:
         fmt = img.format or "image"
         try:
@@ -291,7 +338,7 @@ def _read_raster(p: Path) -> np.ndarray:
         except Exception:  # a broken EXIF block: use the image as stored
             oriented = img
         try:
-            return _to_gray_uint8(oriented if oriented is not None else img)
+            return _to_gray_uint8(oriented if oriented is not None else img), _frame_count(img), fmt
         except _Reason:
             raise
         except (MemoryError, RecursionError):
@@ -396,9 +443,17 @@ def _check_dicom_dataset(ds) -> None:
             )
 
 
-def _read_dicom(p: Path, has_preamble: bool) -> np.ndarray:
+def _read_dicom(p: Path, has_preamble: bool) -> tuple[np.ndarray, int, str]:
     ds = _dcmread(p, has_preamble, lazy=False)
     _check_dicom_dataset(ds)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return _dicom_pixels(ds), frames, "DICOM"
+
+
+def _dicom_pixels(ds) -> np.ndarray:
     ts = ds.file_meta.get("TransferSyntaxUID")
     try:
         if _PYDICOM3:
