@@ -28,6 +28,7 @@ from tests.odd_files import (
 )
 from xray.checkpoints import CheckpointError, load_checkpoint_file, load_model
 from xray.config_checks import ConfigError
+from xray.data.io import ImageInfo
 from xray.evaluation import classification_metrics
 from xray.inference import (
     CSV_COLUMNS,
@@ -370,11 +371,14 @@ def test_valid_formats_all_predicted_exit_0(best_ckpt: Path, tmp_path: Path) -> 
 
 def test_collate_separates_failures() -> None:
     image = torch.zeros(1, 4, 4, dtype=torch.uint8)
-    images, index, failed = collate_separating_failures([(image, 0), ("bad", 1), (image, 2)])
+    info = ImageInfo(4, 4)
+    images, index, failed, infos = collate_separating_failures(
+        [(image, 0, info), ("bad", 1, None), (image, 2, info)]
+    )
     assert images is not None and images.shape == (2, 1, 4, 4)
-    assert index.tolist() == [0, 2] and failed == [(1, "bad")]
-    images, index, failed = collate_separating_failures([("bad", 5)])
-    assert images is None and index.numel() == 0 and failed == [(5, "bad")]
+    assert index.tolist() == [0, 2] and failed == [(1, "bad")] and infos == {0: info, 2: info}
+    images, index, failed, infos = collate_separating_failures([("bad", 5, None)])
+    assert images is None and index.numel() == 0 and failed == [(5, "bad")] and infos == {}
 
 
 def test_workers_keep_order_and_isolate_failures(best_ckpt: Path, mixed_folder: Path) -> None:

@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from xray.models import build_net
+from xray.ood import OOD_KEY, FeatureGaussian, OodError
 
 BEST_NAME = "best_xray_model.ckpt"
 LAST_NAME = "last.ckpt"
@@ -134,6 +135,17 @@ class LoadedModel:
         """T of ``sigmoid(logit / T)``, fitted on validation logits; 1.0 for checkpoints without one."""
         return _check_temperature(self.meta.get("temperature", 1.0), str(self.path))
 
+    @property
+    def ood(self) -> FeatureGaussian | None:
+        """The out-of-distribution statistics of this network (``xray.ood``); None for older checkpoints."""
+        stored = self.meta.get(OOD_KEY)
+        if stored is None:
+            return None
+        try:
+            return FeatureGaussian.from_meta(stored, str(self.path))
+        except OodError as err:
+            raise CheckpointError(str(err)) from None
+
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedModel:
     """Rebuild the network of an xray checkpoint (allow-listed classes only) in eval mode."""
@@ -154,6 +166,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedMode
     net.eval()
     model = LoadedModel(net=net, meta=meta, path=path)
     _ = model.temperature  # a bad stored temperature fails here, before any image is read
+    _ = model.ood  # and so do malformed OOD statistics
     return model
 
 
@@ -274,6 +287,8 @@ class Predictor:
     temperature: float
     source: str
     threshold_source: str = "checkpoint"
+    ood_threshold: float = 1.0
+    """Flag an image whose OOD score (mean of the members' scores) exceeds this (``xray.ood``)."""
 
     @classmethod
     def from_model(cls, model: LoadedModel) -> Predictor:
@@ -283,6 +298,12 @@ class Predictor:
     @property
     def is_ensemble(self) -> bool:
         return len(self.members) > 1
+
+    @property
+    def ood_stats(self) -> list[FeatureGaussian] | None:
+        """Every member's OOD statistics, or None when any member lacks them (no score then)."""
+        stats = [m.ood for m in self.members]
+        return None if any(s is None for s in stats) else stats  # type: ignore[return-value]
 
     @property
     def preprocessing(self) -> list[tuple[int, str]]:
@@ -326,6 +347,7 @@ def read_ensemble_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: 'members' must be a non-empty list of checkpoint paths")
     _check_threshold(manifest.get("threshold"), str(path))
     _check_temperature(manifest.get("temperature"), str(path))
+    _manifest_ood_threshold(manifest, str(path))
     return manifest
 
 
@@ -344,7 +366,22 @@ def load_manifest_ensemble(manifest_path: str | os.PathLike) -> Predictor:
         float(manifest["temperature"]),
         f"{manifest_path.parent} (ensemble of {len(models)} from {MANIFEST_NAME})",
         threshold_source=MANIFEST_NAME,
+        ood_threshold=_manifest_ood_threshold(manifest, str(manifest_path)),
     )
+
+
+def _manifest_ood_threshold(manifest: dict[str, Any], where: str) -> float:
+    """``ood.threshold`` of a manifest (1.0 when absent): a finite number > 0."""
+    ood = manifest.get("ood", {})
+    value = ood.get("threshold", 1.0) if isinstance(ood, dict) else None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise CheckpointError(f"{where}: ood.threshold must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def load_folder_ensemble(folder: str | os.PathLike) -> Predictor:
@@ -422,4 +459,15 @@ def write_ensemble_manifest(
     text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
     path = folder / MANIFEST_NAME
     _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    return path
+
+
+def update_ensemble_manifest(folder: str | os.PathLike, **values: Any) -> Path:
+    """Set top-level keys (e.g. ``ood``) of an existing ``ensemble.json``, atomically; checked on the way."""
+    path = Path(folder) / MANIFEST_NAME
+    manifest = read_ensemble_manifest(path)
+    manifest.update(values)
+    text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    read_ensemble_manifest(path)
     return path

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +39,21 @@ from xray.calibration import apply_temperature
 from xray.checkpoints import LoadedModel, Predictor, load_predictor
 from xray.config_checks import ConfigError
 from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
-from xray.data.cache import load_resized
-from xray.data.io import ImageReadError
+from xray.data.io import ImageInfo, ImageReadError, read_image_info
 from xray.module import flip_tta_logits
+from xray.ood import combine_scores, logits_and_features
 from xray.runtime import keep_freed_memory
-from xray.transforms import rescale
+from xray.transforms import rescale, resize_image
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CSV_COLUMNS",
     "EXIT_OK",
+    "WARNING_KINDS",
+    "WarningLimits",
+    "input_warnings",
+    "warning_summary",
     "EXIT_SOME_FAILED",
     "GradCam",
     "InputError",
@@ -71,8 +75,56 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 3
 """Some files could not be read: their rows have ``error`` set; every other file was predicted."""
 
-CSV_COLUMNS: tuple[str, ...] = ("path", "prob_pneumonia", "label", "threshold", "error")
+CSV_COLUMNS: tuple[str, ...] = (
+    "path",
+    "prob_pneumonia",
+    "label",
+    "threshold",
+    "ood_score",
+    "warning",
+    "error",
+)
 _GLOB_CHARS = frozenset("*?[")
+
+WARNING_KINDS: dict[str, str] = {
+    "ood": "outside the training distribution",
+    "small": "smaller than the minimum size",
+    "aspect": "extreme aspect ratio",
+    "frames": "more than one frame",
+}
+"""The warnings a predicted row can carry (the prediction is still given), in CSV order."""
+
+
+@dataclass(frozen=True)
+class WarningLimits:
+    """When an input is odd enough to warn about: ``min_side`` px, ``max_aspect`` long/short side."""
+
+    min_side: int = 64
+    max_aspect: float = 3.0
+
+
+def input_warnings(
+    info: ImageInfo | None,
+    ood_score: float | None,
+    ood_threshold: float,
+    limits: WarningLimits = WarningLimits(),
+) -> dict[str, str]:
+    """{kind: text} of :data:`WARNING_KINDS` for one predicted file (empty when nothing is odd)."""
+    found: dict[str, str] = {}
+    if ood_score is not None and ood_score > ood_threshold:
+        found["ood"] = f"{WARNING_KINDS['ood']} (ood_score {ood_score:.2f} > {ood_threshold:.2f})"
+    if info is not None:
+        short, long = sorted((info.width, info.height))
+        size = f"{info.width}x{info.height}"
+        if short < limits.min_side:
+            found["small"] = f"{WARNING_KINDS['small']} ({size} px, a side under {limits.min_side})"
+        if long / short > limits.max_aspect:
+            found["aspect"] = (
+                f"{WARNING_KINDS['aspect']} ({size}, {long / short:.1f}:1 > {limits.max_aspect:g}:1)"
+            )
+        if info.frames > 1:
+            found["frames"] = f"{WARNING_KINDS['frames']} ({info.frames} frames; the first was used)"
+    return found
 
 
 class InputError(ConfigError):
@@ -93,10 +145,17 @@ class PredictionRow:
     error: str | None = None
     true_label: int | None = None  # from a NORMAL/PNEUMONIA parent folder; not written to the CSV
     gradcam: str | None = None
+    ood_score: float | None = None  # None: no OOD statistics in the checkpoint, or an error row
+    warnings: dict[str, str] = field(default_factory=dict)  # kind of WARNING_KINDS -> text
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def warning(self) -> str:
+        """The CSV's ``warning`` cell: every warning's text, ``; ``-separated."""
+        return "; ".join(self.warnings[k] for k in WARNING_KINDS if k in self.warnings)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -183,24 +242,28 @@ class PredictDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor | str, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor | str, int, ImageInfo | None]:
+        """(uint8 (1,S,S), index, the file's ImageInfo) or (the reason it cannot be read, index, None)."""
         try:
-            array = load_resized(self.paths[index], self.image_size, self.interpolation)
+            image, info = read_image_info(self.paths[index])
+            resized = resize_image(image, self.image_size, self.interpolation)  # = data.cache.load_resized
         except ImageReadError as err:
-            return err.reason, index
+            return err.reason, index, None
         except Exception as err:  # one odd file must not take the other files of its batch down
-            return f"cannot read image: {type(err).__name__}: {str(err)[:300]}", index
-        return torch.from_numpy(array).unsqueeze(0), index
+            return f"cannot read image: {type(err).__name__}: {str(err)[:300]}", index, None
+        return resized, index, info
 
 
 def collate_separating_failures(
-    items: Sequence[tuple[Tensor | str, int]],
-) -> tuple[Tensor | None, Tensor, list[tuple[int, str]]]:
-    """(uint8 images (B,1,S,S) or None when every file failed, their indices, [(index, reason)])."""
-    good = [(image, index) for image, index in items if isinstance(image, Tensor)]
-    failed = [(index, reason) for reason, index in items if isinstance(reason, str)]
+    items: Sequence[tuple[Tensor | str, int, ImageInfo | None]],
+) -> tuple[Tensor | None, Tensor, list[tuple[int, str]], dict[int, ImageInfo]]:
+    """(uint8 images (B,1,S,S) or None when every file failed, their indices, [(index, reason)],
+    {index: ImageInfo} of the readable files)."""
+    good = [(item[0], item[1]) for item in items if isinstance(item[0], Tensor)]
+    failed = [(item[1], item[0]) for item in items if isinstance(item[0], str)]
+    infos = {item[1]: item[2] for item in items if len(item) > 2 and item[2] is not None}
     images = torch.stack([image for image, _ in good]) if good else None
-    return images, torch.tensor([index for _, index in good], dtype=torch.long), failed
+    return images, torch.tensor([index for _, index in good], dtype=torch.long), failed, infos
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:
@@ -269,6 +332,8 @@ def predict_files(
     tta: bool | None = None,
     progress: bool = False,
     gradcam_dir: str | os.PathLike[str] | None = None,
+    ood: bool = True,
+    limits: WarningLimits = WarningLimits(),
 ) -> list[PredictionRow]:
     """One row per path, in order: batched, through DataLoader workers, under ``inference_mode``.
 
@@ -276,7 +341,8 @@ def predict_files(
     logits / the temperature). ``threshold`` defaults to the checkpoint's (the ensemble's); ``tta``
     to each member's own, and when given applies to every member. ``gradcam_dir``: also write one
     Grad-CAM overlay PNG per readable image there, of the first member's plain network (also when
-    TTA is on), titled with the (ensemble's) probability.
+    TTA is on), titled with the (ensemble's) probability. ``ood``: also give each row its OOD score
+    (``xray.ood``; only when every member has statistics) and the warnings of :func:`input_warnings`.
     """
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
@@ -285,34 +351,45 @@ def predict_files(
     target = resolve_device(device)
     nets = [member.net.to(target).eval() for member in predictor.members]
     ttas = [member.tta if tta is None else bool(tta) for member in predictor.members]
+    stats = predictor.ood_stats if ood else None
     paths = [os.fspath(p) for p in paths]
     logits = torch.zeros(len(paths), len(nets), dtype=torch.float64)
+    scores = torch.full((len(paths), len(nets)), math.nan, dtype=torch.float64)
     seen = torch.zeros(len(paths), len(nets), dtype=torch.bool)
     errors: dict[int, str] = {}
+    infos: dict[int, ImageInfo] = {}
     heatmaps: dict[int, str] = {}
     cam = GradCam(nets[0], Path(gradcam_dir)) if gradcam_dir is not None else None
     groups = _preprocessing_groups(predictor)
     with tqdm(total=len(paths) * len(groups), desc="Predicting", unit="img", disable=not progress) as bar:
         for (size, interpolation), members in groups:
             dataset = PredictDataset(paths, size, interpolation)
-            for images, index, failed in _loader(dataset, batch_size, num_workers, target):
+            for images, index, failed, batch_infos in _loader(dataset, batch_size, num_workers, target):
                 for i, reason in failed:
                     errors.setdefault(i, reason)
+                infos.update(batch_infos)
                 if images is not None:
                     images = images.to(target, non_blocking=True)
                     with torch.inference_mode():
                         for k in members:
-                            logits[index, k] = member_logits(nets[k], images, ttas[k]).double().cpu()
+                            if stats is None:
+                                z = member_logits(nets[k], images, ttas[k])
+                            else:
+                                z, features = logits_and_features(nets[k], rescale(images), ttas[k])
+                                scores[index, k] = stats[k].score(features.cpu())
+                            logits[index, k] = z.double().cpu()
                             seen[index, k] = True
                     if cam is not None and 0 in members:
                         batch = _calibrated(logits, seen, index.tolist(), predictor.temperature)
                         heatmaps.update(_write_gradcam(cam, images, index.tolist(), batch, paths, threshold))
                 bar.update(len(index) + len(failed))
     probs = _calibrated(logits, seen, list(range(len(paths))), predictor.temperature)
+    ood_scores = combine_scores(list(scores.T)) if stats is not None else None
     rows = []
     for i, path in enumerate(paths):
         prob = probs.get(i)
         error = errors.get(i, None if prob is not None else "not predicted")
+        score = float(ood_scores[i]) if ood_scores is not None and prob is not None else None
         rows.append(
             PredictionRow(
                 path=path,
@@ -322,6 +399,10 @@ def predict_files(
                 error=error,
                 true_label=class_from_path(path),
                 gradcam=heatmaps.get(i),
+                ood_score=score,
+                warnings={}
+                if prob is None
+                else input_warnings(infos.get(i), score, predictor.ood_threshold, limits),
             )
         )
     return rows
@@ -410,7 +491,8 @@ def _fmt(value: float | None) -> str:
 
 
 def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Path:
-    """``path, prob_pneumonia, label, threshold, error``; prob and label empty on error rows."""
+    """:data:`CSV_COLUMNS`; prob, label, ood_score and warning empty on error rows (ood_score also when
+    the checkpoint has no OOD statistics)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -419,7 +501,15 @@ def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Pa
         writer.writerow(CSV_COLUMNS)
         for row in rows:
             writer.writerow(
-                [row.path, _fmt(row.prob_pneumonia), row.label or "", f"{row.threshold:.8g}", row.error or ""]
+                [
+                    row.path,
+                    _fmt(row.prob_pneumonia),
+                    row.label or "",
+                    f"{row.threshold:.8g}",
+                    "" if row.ood_score is None else f"{row.ood_score:.4f}",
+                    row.warning,
+                    row.error or "",
+                ]
             )
     os.replace(tmp, path)
     return path
@@ -449,10 +539,12 @@ def _clip(text: str, width: int, keep_end: bool = True) -> str:
 
 def format_table(rows: Sequence[PredictionRow], show: int) -> Iterator[str]:
     """The first ``show`` rows as a fixed-width table (the CSV has them all)."""
-    yield f"{'path':<52} {'p(PNEU)':>8}  {'label':<9}  error"
+    yield f"{'path':<52} {'p(PNEU)':>8}  {'label':<9}  {'ood':>6}  error / warning"
     for row in rows[: max(int(show), 0)]:
         prob = "" if row.prob_pneumonia is None else f"{row.prob_pneumonia:.4f}"
-        yield f"{_clip(row.path, 52):<52} {prob:>8}  {row.label or '-':<9}  {_clip(row.error or '', 80, keep_end=False)}"
+        ood = "" if row.ood_score is None else f"{row.ood_score:.2f}"
+        note = row.error or (f"warning: {row.warning}" if row.warnings else "")
+        yield f"{_clip(row.path, 52):<52} {prob:>8}  {row.label or '-':<9}  {ood:>6}  {_clip(note, 80, keep_end=False)}"
     if len(rows) > show:
         yield f"... {len(rows) - max(int(show), 0)} more rows in the CSV"
 
@@ -481,6 +573,34 @@ def _check_settings(cfg: Any) -> None:
         raise ConfigError(f"threshold must be a number in [0, 1] or null (checkpoint's), got {threshold!r}")
     if cfg.get("tta") is not None and not isinstance(cfg.tta, bool):
         raise ConfigError(f"tta must be true, false or null (checkpoint's), got {cfg.tta!r}")
+    if not isinstance(cfg.get("ood", True), bool):
+        raise ConfigError(f"ood must be true or false, got {cfg.ood!r}")
+    _warning_limits(cfg)
+
+
+def _warning_limits(cfg: Any) -> WarningLimits:
+    """``warn.min_side`` (int >= 1) and ``warn.max_aspect`` (number >= 1) of the predict config."""
+    warn = cfg.get("warn") or {}
+    defaults = WarningLimits()
+    min_side, max_aspect = (
+        warn.get("min_side", defaults.min_side),
+        warn.get("max_aspect", defaults.max_aspect),
+    )
+    if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
+        raise ConfigError(f"warn.min_side must be an integer >= 1 (pixels), got {min_side!r}")
+    if isinstance(max_aspect, bool) or not isinstance(max_aspect, (int, float)) or not max_aspect >= 1:
+        raise ConfigError(
+            f"warn.max_aspect must be a number >= 1 (long side / short side), got {max_aspect!r}"
+        )
+    return WarningLimits(int(min_side), float(max_aspect))
+
+
+def warning_summary(rows: Sequence[PredictionRow]) -> str:
+    """``warnings: 3 of 10 predicted files (outside the training distribution 2, ...)`` for the terminal."""
+    predicted = [r for r in rows if r.ok]
+    flagged = [r for r in predicted if r.warnings]
+    counts = [f"{text} {sum(1 for r in flagged if k in r.warnings)}" for k, text in WARNING_KINDS.items()]
+    return f"warnings: {len(flagged)} of {len(predicted)} predicted files ({', '.join(counts)})"
 
 
 def _ckpt_spec(value: Any) -> str | list[str]:
@@ -536,6 +656,18 @@ def run_predict(cfg: Any) -> int:
         f"input: {input_spec} ({len(paths)} files); {_describe_preprocessing(predictor)}; "
         f"device {device}; threshold {threshold:.4f} (from {source}){calibration}"
     )
+    use_ood = bool(cfg.get("ood", True))
+    if use_ood and predictor.ood_stats is None:
+        print(
+            "ood_score: the checkpoint has no OOD statistics (older checkpoint); fit them with "
+            "`python -m xray.ood ckpt=... data.root=...`; size, aspect and frame warnings still apply"
+        )
+    elif use_ood:
+        stats = predictor.ood_stats or []
+        print(
+            f"ood_score: flagged above {predictor.ood_threshold:.2f} (accepts {100 * stats[0].acceptance:.0f}% "
+            "of validation films per member)"
+        )
     rows = predict_files(
         predictor,
         paths,
@@ -546,12 +678,15 @@ def run_predict(cfg: Any) -> int:
         tta=cfg.get("tta"),
         progress=True,
         gradcam_dir=csv_path.parent / "gradcam" if cfg.get("gradcam") else None,
+        ood=use_ood,
+        limits=_warning_limits(cfg),
     )
     write_csv(rows, csv_path)
     n_failed = sum(1 for r in rows if not r.ok)
     for line in format_table(rows, cfg.show):
         print(line)
     print(f"predicted {len(rows) - n_failed}, failed {n_failed} (of {len(rows)} files)")
+    print(warning_summary(rows))
     print(f"predictions: {csv_path}")
     metrics = label_metrics(rows, threshold)
     if metrics is not None:

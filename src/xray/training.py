@@ -84,6 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results, extras = evaluate_splits(cfg, trainer, model, datamodule, best_path)
     if not trainer.is_global_zero:
         return results
+    if best_path is not None and best_path.exists() and cfg.evaluation.get("ood", True):
+        results["ood"] = fit_ood(cfg, model, datamodule, best_path)
     payload = {
         "best_checkpoint": str(best_path) if best_path else None,
         "epochs_run": int(trainer.current_epoch),
@@ -116,7 +118,9 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     model.temperature = fit_temperature(logits, labels) if ev.get("temperature", True) else 1.0
     probs = apply_temperature(logits, model.temperature)
     extras["val"] = (probs, labels, index)
-    shifted, shift_labels = shift_validation_logits(model, datamodule, index, labels, ev) if ev.get("shifts") else (None, None)
+    shifted, shift_labels = (
+        shift_validation_logits(model, datamodule, index, labels, ev) if ev.get("shifts") else (None, None)
+    )
     rule = str(ev.threshold_rule)
     if rule == "shift_youden" and shifted is None:
         raise ValueError("evaluation.threshold_rule=shift_youden needs evaluation.shifts=true")
@@ -146,9 +150,13 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
         results["val_shift"] = shift_metrics(shifted, shift_labels, model.threshold, model.temperature)
         log_shift_metrics(results["val_shift"], trainer.loggers, step=trainer.global_step)
     if trainer.is_global_zero:
-        write_predictions(Path(cfg.paths.output_dir) / PREDICTIONS_FILE, datamodule, index, labels, logits, probs)
+        write_predictions(
+            Path(cfg.paths.output_dir) / PREDICTIONS_FILE, datamodule, index, labels, logits, probs
+        )
         if shifted is not None:
-            write_shift_predictions(Path(cfg.paths.output_dir) / SHIFT_PREDICTIONS_FILE, shifted, shift_labels)
+            write_shift_predictions(
+                Path(cfg.paths.output_dir) / SHIFT_PREDICTIONS_FILE, shifted, shift_labels
+            )
     if cfg.get("test") and "test" in datamodule.datasets:
         trainer.test(model, datamodule=datamodule, verbose=False)
         probs, labels, index = model.collected()
@@ -157,6 +165,56 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
             probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed
         )
     return results, extras
+
+
+def split_meta(datamodule: Any) -> dict[str, Any]:
+    """Which films trained and validated the network: lets ``python -m xray.ood`` refit it later."""
+    return {
+        "val_source": datamodule.val_source,
+        "n_folds": datamodule.n_folds,
+        "fold": datamodule.fold if datamodule.n_folds else None,
+        "split_seed": datamodule.split_seed,
+        "val_fraction": float(datamodule.val_fraction),
+    }
+
+
+def fit_ood(cfg: DictConfig, model: Any, datamodule: Any, best_path: Path) -> dict[str, Any]:
+    """OOD statistics of the best weights (``xray.ood``), stored in the best checkpoint.
+
+    The Gaussian of the penultimate features is fitted on training films through the eval preset (no
+    augmentation; a seeded, class-stratified subsample of ``evaluation.ood_n_fit``, default 1000, to
+    keep it to a minute on a CPU), the threshold on every validation film at ``evaluation.ood_acceptance``
+    (default 0.95). ``+evaluation.ood=false`` skips it.
+    """
+    from xray.ood import DEFAULT_ACCEPTANCE, DEFAULT_COMPONENTS, fit_network, stratified_subsample
+
+    ev = cfg.evaluation
+    n_fit = ev.get("ood_n_fit", 1000)
+    train, val = datamodule.datasets["train"], datamodule.datasets["val"]
+    picks = stratified_subsample(train.labels.tolist(), n_fit, int(cfg.seed))
+    stats = fit_network(
+        model.net,
+        torch.stack([train.image(i) for i in picks]),
+        torch.stack([val.image(i) for i in range(len(val))]),
+        int(ev.get("ood_components", DEFAULT_COMPONENTS)),
+        float(ev.get("ood_acceptance", DEFAULT_ACCEPTANCE)),
+        fitted_on=f"end of training: {len(picks)} training films (stratified subsample, seed {cfg.seed}), "
+        f"threshold on {len(val)} validation films",
+        batch_size=int(datamodule.batch_size),
+        device=model.device,
+    )
+    update_checkpoint_meta(best_path, ood=stats.to_meta(), split=split_meta(datamodule))
+    log.info(
+        "OOD statistics: threshold %.4f at %.0f%% of validation films",
+        stats.threshold,
+        100 * stats.acceptance,
+    )
+    return {
+        "threshold": stats.threshold,
+        "acceptance": stats.acceptance,
+        "n_fit": stats.n_fit,
+        "n_val": stats.n_val,
+    }
 
 
 def shift_validation_logits(
@@ -190,7 +248,12 @@ def shift_validation_logits(
 
 
 def write_predictions(
-    path: Path, datamodule: Any, index: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
+    path: Path,
+    datamodule: Any,
+    index: torch.Tensor,
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    probs: torch.Tensor,
 ) -> Path:
     """``val_predictions.csv``: path, label, raw logit, calibrated probability; what ``xray.cv`` pools."""
     import csv
@@ -212,7 +275,9 @@ def write_shift_predictions(path: Path, shifted: dict[str, torch.Tensor], labels
         writer = csv.writer(handle)
         writer.writerow(["shift", "label", "logit"])
         for name, values in shifted.items():
-            writer.writerows([name, int(y), f"{z:.6g}"] for y, z in zip(labels.tolist(), values.tolist(), strict=True))
+            writer.writerows(
+                [name, int(y), f"{z:.6g}"] for y, z in zip(labels.tolist(), values.tolist(), strict=True)
+            )
     return path
 
 

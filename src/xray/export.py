@@ -1,0 +1,290 @@
+"""``python -m xray.export ckpt=... format=onnx output=model.onnx``: a self-contained deployable model.
+
+Why: a deployment needs neither this package nor PyTorch. The exported graph holds the whole
+predictor, one network or an ensemble: each member's network (with its flip TTA when it was
+evaluated that way), the mean of the raw logits, the temperature, and the OOD score of
+:mod:`xray.ood` (each member's PPCA Mahalanobis distance over its threshold, averaged). Beside it,
+``<output>.json`` says how to prepare the input and read the outputs: image size, interpolation,
+rescale, threshold, temperature, label mapping, the OOD threshold and statistics' provenance, the
+warning limits of ``predict.py``.
+
+Graph: input ``image`` float32 (N, 1, S, S) in [0, 1] (decoded to one grayscale channel, resized,
+times 1/255, as ``predict.py`` does); outputs ``prob_pneumonia`` (N,), ``logit`` (N,) (mean member
+logit before the temperature) and, when every member has OOD statistics, ``ood_score`` (N,).
+
+``format=onnx`` uses torch's TorchScript-based exporter (``dynamo=False``): it needs only the ``onnx``
+package, works offline and gives the same file for the same weights. ``format=torchscript`` writes a
+traced ``torch.jit`` module with the same inputs and outputs. ``verify=true`` (default) runs the
+written file (onnxruntime, or torch.jit.load) on a seeded batch and checks it against PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xray.checkpoints import Predictor, load_predictor
+from xray.config_checks import ConfigError
+from xray.constants import CLASSES
+from xray.ood import logits_and_features
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+FORMATS = ("onnx", "torchscript")
+OUTPUT_NAMES = ("prob_pneumonia", "logit", "ood_score")
+
+__all__ = ["ExportedPredictor", "export_model", "export_metadata", "main"]
+
+
+class ExportedPredictor(nn.Module):
+    """A :class:`~xray.checkpoints.Predictor` as one module: image in, probability (+ logit, OOD score) out."""
+
+    def __init__(self, predictor: Predictor, tta: bool | None = None, ood: bool = True) -> None:
+        super().__init__()
+        if len(predictor.preprocessing) != 1:
+            raise ConfigError(
+                f"export: the members use different preprocessing {predictor.preprocessing}; "
+                "one exported graph takes one input size"
+            )
+        self.nets = nn.ModuleList([m.net.float().eval() for m in predictor.members])
+        self.ttas = [m.tta if tta is None else bool(tta) for m in predictor.members]
+        self.temperature = float(predictor.temperature)
+        stats = predictor.ood_stats if ood else None
+        self.with_ood = stats is not None
+        for k, s in enumerate(stats or []):
+            self.register_buffer(f"ood_mean_{k}", s.mean.double())
+            self.register_buffer(f"ood_components_{k}", s.components.double())
+            self.register_buffer(f"ood_variances_{k}", s.variances.double())
+            self.register_buffer(
+                f"ood_scale_{k}",
+                torch.tensor([s.residual_variance, s.threshold, float(s.dim)], dtype=torch.float64),
+            )
+
+    def _ood(self, k: int, features: Tensor) -> Tensor:
+        """The member's score as :meth:`xray.ood.FeatureGaussian.score` computes it (float64)."""
+        mean, comps = getattr(self, f"ood_mean_{k}"), getattr(self, f"ood_components_{k}")
+        variances, scale = getattr(self, f"ood_variances_{k}"), getattr(self, f"ood_scale_{k}")
+        centred = features.double() - mean
+        z = centred @ comps.T
+        inside = (z * z / variances).sum(1)
+        r = centred - z @ comps
+        residual = (r * r).sum(1) / scale[0]
+        return torch.sqrt((inside + residual) / scale[2]) / scale[1]
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        logits, scores = [], []
+        for k, net in enumerate(self.nets):
+            z, features = logits_and_features(net, image, self.ttas[k])
+            logits.append(z)
+            if self.with_ood:
+                scores.append(self._ood(k, features))
+        logit = torch.stack(logits).mean(0)
+        prob = torch.sigmoid(logit / self.temperature)
+        if self.with_ood:
+            return prob, logit, torch.stack(scores).mean(0).float()
+        return prob, logit
+
+
+def export_metadata(
+    predictor: Predictor, module: ExportedPredictor, model_file: str, fmt: str, cfg: Any
+) -> dict[str, Any]:
+    """The JSON a deployment reads beside the model: how to prepare the input and read the outputs."""
+    size, interpolation = predictor.preprocessing[0]
+    stats = predictor.ood_stats if module.with_ood else None
+    warn = cfg.get("warn") or {}
+    return {
+        "format": EXPORT_FORMAT,
+        "model": model_file,
+        "model_format": fmt,
+        "source": predictor.source,
+        "members": len(predictor.members),
+        "input": {"name": "image", "dtype": "float32", "shape": ["N", 1, size, size], "range": [0.0, 1.0]},
+        "outputs": list(OUTPUT_NAMES if module.with_ood else OUTPUT_NAMES[:2]),
+        "preprocessing": {
+            "image_size": size,
+            "interpolation": interpolation,
+            "antialias": True,
+            "aspect": "ignored: the whole image is resized to a square",
+            "grayscale": "one channel; colour through ITU-R 601-2 luma (Pillow convert('L')), alpha dropped",
+            "exif_orientation": "applied (JPEG/PNG/WebP/TIFF); DICOM: modality then VOI LUT, min/max to 0..255",
+            "rescale": 1.0 / 255.0,
+            "tta": "inside the graph" if any(module.ttas) else "none",
+        },
+        "threshold": float(predictor.threshold),
+        "temperature": float(predictor.temperature),
+        "labels": {str(i): name for i, name in enumerate(CLASSES)},
+        "decision": f"{CLASSES[1]} when prob_pneumonia >= threshold, else {CLASSES[0]}",
+        "ood": None
+        if stats is None
+        else {
+            "threshold": float(predictor.ood_threshold),
+            "score": "mean over members of sqrt(PPCA Mahalanobis distance^2 / D) / member threshold",
+            "flag": "ood_score > threshold: outside the training distribution (the prediction is still given)",
+            "acceptance": stats[0].acceptance,
+            "per_member": [
+                {
+                    "threshold": s.threshold,
+                    "feature_dim": s.dim,
+                    "components": int(s.components.shape[0]),
+                    "residual_variance": s.residual_variance,
+                    "n_fit": s.n_fit,
+                    "n_val": s.n_val,
+                    "fitted_on": s.fitted_on,
+                }
+                for s in stats
+            ],
+        },
+        "warnings": {
+            "min_side": int(warn.get("min_side", 64)),
+            "max_aspect": float(warn.get("max_aspect", 3.0)),
+            "frames": "warn when a file holds more than one frame (the first is used)",
+        },
+        "exporter": {
+            "torch": torch.__version__,
+            "opset": int(cfg.get("opset", 17)) if fmt == "onnx" else None,
+        },
+    }
+
+
+def export_model(
+    predictor: Predictor,
+    output: str | os.PathLike[str],
+    fmt: str = "onnx",
+    tta: bool | None = None,
+    ood: bool = True,
+    opset: int = 17,
+    cfg: Any = None,
+) -> tuple[Path, Path]:
+    """Write the model file and its JSON (``<output>.json``); returns both paths."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    output = Path(output).expanduser()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    module = ExportedPredictor(predictor, tta=tta, ood=ood).eval()
+    size = predictor.preprocessing[0][0]
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    names = list(OUTPUT_NAMES if module.with_ood else OUTPUT_NAMES[:2])
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings of the TF-style padding: sizes are fixed here
+            if fmt == "onnx":
+                try:
+                    import onnx  # noqa: F401  (the exporter needs it)
+                except ImportError:
+                    raise ConfigError(
+                        'format=onnx needs the onnx package: pip install -e ".[export]"'
+                    ) from None
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    input_names=["image"],
+                    output_names=names,
+                    dynamic_axes={"image": {0: "N"}, **{n: {0: "N"} for n in names}},
+                    opset_version=int(opset),
+                )
+            else:
+                traced = torch.jit.trace(module, (example,), check_trace=False)
+                torch.jit.save(traced, str(tmp))
+        os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    meta = export_metadata(predictor, module, output.name, fmt, cfg or {})
+    meta_path = output.with_name(output.name + ".json")
+    meta_path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return output, meta_path
+
+
+def run_exported(path: str | os.PathLike[str], images: Tensor, fmt: str = "onnx") -> dict[str, Tensor]:
+    """The written file on float images (N,1,S,S): {output name: tensor}; onnxruntime for ONNX."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        values = session.run(None, {"image": images.float().numpy()})
+        return {o.name: torch.from_numpy(v) for o, v in zip(session.get_outputs(), values, strict=True)}
+    module = torch.jit.load(str(path))
+    with torch.no_grad():
+        values = module(images.float())
+    return dict(zip(OUTPUT_NAMES, values, strict=False))
+
+
+def verify_export(predictor: Predictor, path: Path, fmt: str, tta: bool | None, ood: bool) -> float:
+    """Max |difference| of every output between the written file and PyTorch on a seeded batch."""
+    module = ExportedPredictor(predictor, tta=tta, ood=ood).eval()
+    size = predictor.preprocessing[0][0]
+    images = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = dict(zip(OUTPUT_NAMES, module(images), strict=False))
+    got = run_exported(path, images, fmt)
+    return max(float((got[k].double() - v.double()).abs().max()) for k, v in expected.items())
+
+
+def run_export(cfg: Any) -> int:
+    """``python -m xray.export``: load ``ckpt``, write the model and its JSON, verify."""
+    fmt = str(cfg.format)
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if cfg.get("tta") is not None and not isinstance(cfg.tta, bool):
+        raise ConfigError(f"tta must be true, false or null (checkpoint's), got {cfg.tta!r}")
+    predictor = load_predictor(str(cfg.ckpt), cfg.log_dir)
+    output = cfg.get("output") or ("model.onnx" if fmt == "onnx" else "model.pt")
+    if predictor.ood_stats is None and cfg.get("ood", True):
+        print(
+            "note: the checkpoint has no OOD statistics: no ood_score output (python -m xray.ood fits them)"
+        )
+    path, meta_path = export_model(
+        predictor,
+        output,
+        fmt,
+        tta=cfg.get("tta"),
+        ood=bool(cfg.get("ood", True)),
+        opset=int(cfg.opset),
+        cfg=cfg,
+    )
+    print(f"checkpoint: {predictor.source}")
+    print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB, {fmt}); preprocessing and labels: {meta_path}")
+    if cfg.get("verify", True):
+        try:
+            diff = verify_export(predictor, path, fmt, cfg.get("tta"), bool(cfg.get("ood", True)))
+        except ImportError:
+            print('verify: skipped (onnxruntime is not installed: pip install -e ".[export]")')
+        else:
+            print(f"verify: max |difference| against PyTorch on a seeded batch: {diff:.2e}")
+            if diff > 1e-4:
+                raise ConfigError(f"{path}: the exported model differs from PyTorch by {diff:.2e} (> 1e-4)")
+    return 0
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def main() -> None:
+    """Hydra entry point (conf/export.yaml); user errors exit 2 with one line."""
+    import hydra
+
+    from xray.cli import fail_cleanly
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+    def _run(cfg: Any) -> None:
+        with fail_cleanly(logging.getLogger("xray")):
+            code = run_export(cfg)
+        sys.exit(code)
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,611 @@
+"""Out-of-distribution (OOD) scores from a network's own penultimate features.
+
+Why: the classifier gives a confident probability for anything, a 3-pixel image or an adult film
+included. The features that feed its final linear layer are where "what it has seen" lives, so each
+network gets a Gaussian of the features of its training films and an image far from it is flagged.
+
+Model (per network): probabilistic PCA of the penultimate features of (a seeded, stratified
+subsample of) the training split: mean ``mu``, the top ``k`` principal directions ``V`` with their
+variances ``lambda``, and one variance ``sigma2`` for everything outside them. The distance of a
+feature vector ``f`` is the Mahalanobis distance under that full-rank covariance,
+
+    d(f) = sqrt( (sum_i z_i^2 / lambda_i + |r|^2 / sigma2) / D ),   z = V (f - mu),   r = (f - mu) - V^T z
+
+(D the feature size), stored as ``k x D`` floats rather than a ``D x D`` precision matrix. The
+threshold ``t`` is the ``acceptance`` quantile (default 95%) of ``d`` over the network's own
+validation films; the **score** is ``d / t``, so a score above 1 means "further out than all but
+5% of validation films". An ensemble's score is the mean of its members' scores, each with its own
+statistics and threshold, and is flagged above the ensemble's ``ood_threshold`` (1.0 unless an
+``ensemble.json`` stores another).
+
+Features are those of the plain image (not the mirrored TTA copy): the same pass that gives the
+logit, so the score costs nothing extra at prediction time.
+
+``python -m xray.ood ckpt=... data.root=...`` fits the statistics of existing checkpoints (one file
+or an ensemble folder) and writes them in; ``evaluate=true`` prints the separation table (AUROC of
+the score, validation films vs synthetic non-films, and the acceptance rate). See conf/ood.yaml.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from xray.transforms import rescale, resize_image
+
+OOD_KEY = "ood"
+OOD_FORMAT = 1
+DEFAULT_ACCEPTANCE = 0.95
+DEFAULT_COMPONENTS = 128
+
+__all__ = [
+    "DEFAULT_ACCEPTANCE",
+    "DEFAULT_COMPONENTS",
+    "OOD_FAMILIES",
+    "OOD_KEY",
+    "FeatureGaussian",
+    "OodError",
+    "classifier_layer",
+    "extract_features",
+    "logits_and_features",
+    "ood_families",
+]
+
+
+class OodError(ValueError):
+    """Stored OOD statistics that are malformed, or a fit that cannot be done."""
+
+
+# ------------------------------------------------------------------------------------------- features
+def classifier_layer(net: nn.Module) -> nn.Linear:
+    """The final classifier: the last ``nn.Linear`` in module order (every network here ends in one)."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise OodError(f"the network {type(net).__name__} has no nn.Linear layer to take features from")
+    return linears[-1]
+
+
+def logits_and_features(net: nn.Module, x: Tensor, tta: bool) -> tuple[Tensor, Tensor]:
+    """float (B,C,S,S) in [0, 1] -> (logits (B,), penultimate features (B, D)).
+
+    The features are the input of the final linear layer during the plain (unmirrored) pass; with
+    ``tta`` the logit is the mean over the image and its mirror, as in training's evaluation.
+    """
+    captured: list[Tensor] = []
+
+    def grab(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if not captured:
+            captured.append(args[0].flatten(1))
+
+    handle = classifier_layer(net).register_forward_pre_hook(grab)
+    try:
+        logits = net(x)
+        if tta:
+            logits = (logits + net(x.flip(-1))) / 2
+    finally:
+        handle.remove()
+    return logits.float().reshape(-1), captured[0].float()
+
+
+def extract_features(
+    net: nn.Module,
+    images: Tensor,
+    tta: bool = False,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """uint8 (N,1,S,S) -> (logits (N,), features (N,D)), float32 on the CPU, in eval mode."""
+    net = net.to(device).eval()
+    logits, feats = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = rescale(images[start : start + batch_size].to(device))
+            z, f = logits_and_features(net, x, tta)
+            logits.append(z.cpu())
+            feats.append(f.cpu())
+    if not logits:
+        raise OodError("no images to compute features of")
+    return torch.cat(logits), torch.cat(feats)
+
+
+# ------------------------------------------------------------------------------------- the statistics
+@dataclass
+class FeatureGaussian:
+    """One network's feature Gaussian (probabilistic PCA) and its acceptance threshold."""
+
+    mean: Tensor  # (D,)
+    components: Tensor  # (k, D), orthonormal rows
+    variances: Tensor  # (k,)
+    residual_variance: float
+    threshold: float = math.nan  # distance accepting `acceptance` of the validation films
+    acceptance: float = DEFAULT_ACCEPTANCE
+    n_fit: int = 0
+    n_val: int = 0
+    fitted_on: str = ""
+
+    @classmethod
+    def fit(
+        cls, features: Tensor, n_components: int = DEFAULT_COMPONENTS, fitted_on: str = ""
+    ) -> FeatureGaussian:
+        """PPCA by SVD of the centred features (float64); ``k`` is capped by the sample and feature size."""
+        x = torch.as_tensor(features, dtype=torch.float64)
+        if x.ndim != 2 or len(x) < 3:
+            raise OodError(f"need at least 3 feature vectors of shape (N, D) to fit, got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise OodError("features contain NaN or infinite values")
+        n, dim = x.shape
+        mean = x.mean(0)
+        _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+        eig = s**2 / (n - 1)
+        k = int(max(1, min(n_components, n - 2, dim - 1)))
+        total = float(eig.sum())
+        floor = max(total / dim, 1e-12) * 1e-6  # a dead (always-zero) feature must not divide by 0
+        residual = max((total - float(eig[:k].sum())) / (dim - k), floor)
+        return cls(
+            mean=mean.float(),
+            components=vh[:k].float().contiguous(),
+            variances=eig[:k].clamp(min=floor).float(),
+            residual_variance=float(residual),
+            n_fit=int(n),
+            fitted_on=fitted_on,
+        )
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.numel())
+
+    def distance(self, features: Tensor) -> Tensor:
+        """(N, D) -> (N,) float64: the PPCA Mahalanobis distance, divided by sqrt(D)."""
+        f = torch.as_tensor(features, dtype=torch.float64)
+        centred = f - self.mean.double()
+        z = centred @ self.components.double().T
+        inside = (z**2 / self.variances.double()).sum(1)
+        residual = (centred - z @ self.components.double()).pow(2).sum(1) / self.residual_variance
+        return ((inside + residual) / self.dim).sqrt()
+
+    def calibrate(self, val_features: Tensor, acceptance: float = DEFAULT_ACCEPTANCE) -> FeatureGaussian:
+        """Set the threshold to the ``acceptance`` quantile of the validation films' distances."""
+        if not 0.5 <= acceptance < 1.0:
+            raise OodError(f"acceptance must be in [0.5, 1), got {acceptance}")
+        d = self.distance(val_features)
+        if len(d) < 2:
+            raise OodError("need at least 2 validation films to choose the OOD threshold")
+        self.threshold = float(torch.quantile(d, acceptance))
+        self.acceptance = float(acceptance)
+        self.n_val = len(d)
+        return self
+
+    def score(self, features: Tensor) -> Tensor:
+        """(N, D) -> (N,) float64: distance / threshold (above 1: outside the accepted region)."""
+        if not math.isfinite(self.threshold) or self.threshold <= 0:
+            raise OodError("OOD statistics have no threshold; calibrate them on validation films")
+        return self.distance(features) / self.threshold
+
+    # -- storage in a checkpoint's xray section: tensors and plain values only (weights_only=True)
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "format": OOD_FORMAT,
+            "method": "ppca_mahalanobis",
+            "mean": self.mean.float().clone(),
+            "components": self.components.float().clone(),
+            "variances": self.variances.float().clone(),
+            "residual_variance": float(self.residual_variance),
+            "threshold": float(self.threshold),
+            "acceptance": float(self.acceptance),
+            "n_fit": int(self.n_fit),
+            "n_val": int(self.n_val),
+            "fitted_on": str(self.fitted_on),
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Any, where: str) -> FeatureGaussian:
+        """Checked reconstruction; a malformed entry is an :class:`OodError` naming ``where``."""
+        if not isinstance(meta, dict) or meta.get("format") != OOD_FORMAT:
+            raise OodError(f"{where}: OOD statistics are not of format {OOD_FORMAT}")
+        try:
+            mean, comps, var = meta["mean"], meta["components"], meta["variances"]
+            ok = (
+                all(isinstance(t, Tensor) for t in (mean, comps, var))
+                and mean.ndim == 1
+                and comps.ndim == 2
+                and comps.shape[1] == mean.numel()
+                and var.shape == (comps.shape[0],)
+                and bool((var > 0).all())
+            )
+            threshold, residual = meta["threshold"], meta["residual_variance"]
+        except KeyError as err:
+            raise OodError(f"{where}: OOD statistics lack {err}") from None
+        for value in (threshold, residual):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                ok = False
+        if not ok:
+            raise OodError(
+                f"{where}: OOD statistics are malformed (shapes, or non-positive variances/threshold)"
+            )
+        return cls(
+            mean=mean.float(),
+            components=comps.float(),
+            variances=var.float(),
+            residual_variance=float(residual),
+            threshold=float(threshold),
+            acceptance=float(meta.get("acceptance", DEFAULT_ACCEPTANCE)),
+            n_fit=int(meta.get("n_fit", 0)),
+            n_val=int(meta.get("n_val", 0)),
+            fitted_on=str(meta.get("fitted_on", "")),
+        )
+
+
+def combine_scores(member_scores: Sequence[Tensor]) -> Tensor:
+    """An ensemble's OOD score: the mean of its members' scores (each already divided by its threshold)."""
+    return torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in member_scores]).mean(0)
+
+
+# ------------------------------------------------------------------------- synthetic non-films (tests)
+def _uint8(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return np.zeros(x.shape, np.uint8) if hi <= lo else np.rint((x - lo) * 255 / (hi - lo)).astype(np.uint8)
+
+
+def _noise(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
+    return rng.integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def _gradient(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] / size
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * xx + np.sin(angle) * yy
+    if rng.random() < 0.5:  # radial
+        cx, cy = rng.uniform(0.2, 0.8, 2)
+        ramp = np.hypot(xx - cx, yy - cy)
+    lo, hi = sorted(rng.uniform(0, 255, 2))
+    return np.rint(lo + (hi - lo) * (ramp - ramp.min()) / max(np.ptp(ramp), 1e-9)).astype(np.uint8)
+
+
+def _texture(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
+    """1/f^a noise (a = 1.5..2.5): the power spectrum of natural photographs, no anatomy."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    radius = np.hypot(fx, fy)
+    radius[0, 0] = 1.0
+    amplitude = radius ** (-rng.uniform(1.5, 2.5) / 2)
+    amplitude[0, 0] = 0.0
+    phase = rng.uniform(0, 2 * np.pi, amplitude.shape)
+    return _uint8(np.fft.irfft2(amplitude * np.exp(1j * phase), s=(size, size)))
+
+
+def _inverted(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
+    return 255 - film
+
+
+def _resized(image: np.ndarray, size: int) -> np.ndarray:
+    return resize_image(torch.from_numpy(np.ascontiguousarray(image))[None], size)[0].numpy()
+
+
+def _crop(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
+    side = max(2, int(size * rng.uniform(0.15, 0.3)))
+    y, x = rng.integers(0, size - side + 1, 2)
+    return _resized(film[y : y + side, x : x + side], size)
+
+
+def _tiny(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
+    side = int(rng.integers(3, 9))
+    return _resized(_resized(film, side), size)
+
+
+def _elongated(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
+    width = int(rng.integers(4, 13))
+    x = int(rng.integers(0, size - width + 1))
+    strip = film[:, x : x + width]
+    return _resized(strip if rng.random() < 0.5 else strip.T, size)
+
+
+OOD_FAMILIES: dict[str, Callable[[np.random.Generator, int, np.ndarray], np.ndarray]] = {
+    "noise": _noise,
+    "gradient": _gradient,
+    "texture": _texture,
+    "inverted": _inverted,
+    "crop": _crop,
+    "tiny": _tiny,
+    "elongated": _elongated,
+}
+"""Inputs that are not paediatric frontal films, each made from a square uint8 film (or from nothing)
+at the model's input size, as ``predict.py`` would see them after resizing."""
+
+
+def ood_families(films: Tensor, n: int, seed: int = 0) -> dict[str, Tensor]:
+    """``n`` images per family of :data:`OOD_FAMILIES` from uint8 films (N,1,S,S): {name: (n,1,S,S)}."""
+    if films.ndim != 4 or films.dtype != torch.uint8 or len(films) == 0:
+        raise OodError(f"films must be uint8 (N,1,S,S), got {films.dtype}{tuple(films.shape)}")
+    size = int(films.shape[-1])
+    out: dict[str, Tensor] = {}
+    for f, (name, make) in enumerate(OOD_FAMILIES.items()):
+        rng = np.random.default_rng([seed, f])
+        picks = rng.integers(0, len(films), n)
+        images = [make(rng, size, films[int(i), 0].numpy()) for i in picks]
+        out[name] = torch.from_numpy(np.stack(images)).unsqueeze(1).contiguous()
+    return out
+
+
+# ------------------------------------------------------------------------------------ fitting networks
+def stratified_subsample(labels: Sequence[int], n: int | None, seed: int) -> list[int]:
+    """Indices of ``n`` items keeping the class mix (seeded, sorted); all when ``n`` is None or larger."""
+    if n is None or n >= len(labels):
+        return list(range(len(labels)))
+    rng = np.random.default_rng(seed)
+    picked: list[int] = []
+    classes = sorted(set(labels))
+    for c in classes:
+        members = [i for i, y in enumerate(labels) if y == c]
+        k = max(1, round(n * len(members) / len(labels)))
+        picked += rng.choice(members, min(k, len(members)), replace=False).tolist()
+    return sorted(picked)
+
+
+def fit_network(
+    net: nn.Module,
+    train_images: Tensor,
+    val_images: Tensor,
+    components: int = DEFAULT_COMPONENTS,
+    acceptance: float = DEFAULT_ACCEPTANCE,
+    fitted_on: str = "",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> FeatureGaussian:
+    """Fit one network's feature Gaussian on training films and its threshold on validation films."""
+    _, train_features = extract_features(net, train_images, batch_size=batch_size, device=device)
+    _, val_features = extract_features(net, val_images, batch_size=batch_size, device=device)
+    stats = FeatureGaussian.fit(train_features, components, fitted_on=fitted_on)
+    return stats.calibrate(val_features, acceptance)
+
+
+def separation(
+    in_scores: Tensor, out_scores: dict[str, Tensor], threshold: float
+) -> dict[str, dict[str, float]]:
+    """AUROC of the score (in-distribution films = 0, each family = 1; torchmetrics) and flag rates."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    def unit(
+        x: Tensor,
+    ) -> Tensor:  # monotone map to [0, 1): torchmetrics would squash raw scores by a sigmoid
+        x = x.double().clamp(min=0)
+        return x / (1 + x)
+
+    inside = torch.as_tensor(in_scores, dtype=torch.float64)
+    table = {"films": {"n": len(inside), "flagged": float((inside > threshold).double().mean())}}
+    for name, scores in out_scores.items():
+        scores = torch.as_tensor(scores, dtype=torch.float64)
+        target = torch.cat([torch.zeros(len(inside)), torch.ones(len(scores))]).long()
+        auroc = float(binary_auroc(unit(torch.cat([inside, scores])), target))
+        table[name] = {
+            "n": len(scores),
+            "auroc": auroc,
+            "flagged": float((scores > threshold).double().mean()),
+        }
+    return table
+
+
+def format_separation(table: dict[str, dict[str, float]], title: str) -> list[str]:
+    """Markdown rows of :func:`separation`: family, n, AUROC, flagged."""
+    films = table["films"]
+    lines = [
+        f"### {title}",
+        "",
+        f"validation films: n={films['n']}, accepted {100 * (1 - films['flagged']):.1f}%",
+        "",
+        "| family | n | AUROC (films vs family) | flagged |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in table.items():
+        if name != "films":
+            lines.append(f"| {name} | {row['n']} | {row['auroc']:.3f} | {100 * row['flagged']:.1f}% |")
+    return lines
+
+
+# ------------------------------------------------------------------------------ python -m xray.ood
+def _member_split(
+    model: Any, records: list[Any], cfg: Any, index: int, n_members: int
+) -> tuple[list[Any], list[Any], str]:
+    """(training records, validation records, description) of one network, as it was trained.
+
+    From the checkpoint's stored ``split`` (written at the end of training), else ``data.n_folds`` /
+    ``data.fold`` of the command, else ``fold<k>`` in the member's file name with one fold per member
+    (the shipped ensemble), else the patient-grouped ``val_fraction`` split.
+    """
+    import re
+
+    from xray.data.records import patient_folds, split_by_patient
+
+    stored = model.meta.get("split") or {}
+    if stored.get("val_source") == "official":
+        from xray.data.records import scan_split
+
+        return records, scan_split(cfg.data.root, "val"), "the official val/ folder"
+    seed = int(stored.get("split_seed", cfg.data.split_seed))
+    n_folds, fold = stored.get("n_folds"), stored.get("fold")
+    if n_folds is None and cfg.data.get("n_folds") is not None:
+        n_folds = int(cfg.data.n_folds)
+        fold = int(cfg.data.fold) if cfg.data.get("fold") is not None and n_members == 1 else index
+    if n_folds is None:
+        match = re.search(r"fold(\d+)", model.path.stem)
+        if match and n_members > 1:
+            n_folds, fold = n_members, int(match.group(1))
+    if n_folds is not None:
+        folds = patient_folds(records, int(n_folds), seed)
+        train = [r for r, f in zip(records, folds, strict=True) if f != int(fold)]
+        val = [r for r, f in zip(records, folds, strict=True) if f == int(fold)]
+        return train, val, f"fold {fold} of {n_folds} (split seed {seed})"
+    fraction = float(stored.get("val_fraction", cfg.data.val_fraction))
+    train, val = split_by_patient(records, fraction, seed)
+    return train, val, f"patient-grouped split, validation fraction {fraction} (seed {seed})"
+
+
+def _member_films(
+    member: Any, records: list[Any], cfg: Any, k: int, n: int
+) -> tuple[list[Any], list[Any], list[Any], str]:
+    """(training films to fit on, validation films for the threshold, the other validation films, where):
+    seeded, so that ``evaluate=true`` later holds out exactly the films the threshold did not see."""
+    train, val, where = _member_split(member, records, cfg, k, n)
+    keep = set(stratified_subsample([r.label for r in val], cfg.n_val, int(cfg.seed) + k))
+    fit = [train[i] for i in stratified_subsample([r.label for r in train], cfg.n_fit, int(cfg.seed) + k)]
+    return (
+        fit,
+        [r for i, r in enumerate(val) if i in keep],
+        [r for i, r in enumerate(val) if i not in keep],
+        where,
+    )
+
+
+def _load_images(records: Sequence[Any], size: int, interpolation: str) -> Tensor:
+    from xray.data.cache import load_resized
+
+    return torch.stack(
+        [torch.from_numpy(load_resized(r.path, size, interpolation)) for r in records]
+    ).unsqueeze(1)
+
+
+def run_ood(cfg: Any) -> int:
+    """Fit (``write=true``) and/or evaluate (``evaluate=true``) the OOD statistics of ``ckpt``."""
+
+    from xray.checkpoints import (
+        MANIFEST_NAME,
+        load_predictor,
+        resolve_checkpoint,
+        update_checkpoint_meta,
+        update_ensemble_manifest,
+    )
+    from xray.config_checks import ConfigError
+    from xray.data.records import scan_split
+    from xray.inference import resolve_device
+
+    if not 0.5 <= float(cfg.acceptance) < 1:
+        raise ConfigError(f"acceptance must be in [0.5, 1), got {cfg.acceptance}")
+    device = resolve_device(cfg.device)
+    target = resolve_checkpoint(str(cfg.ckpt), cfg.log_dir)
+    predictor = load_predictor(str(cfg.ckpt), cfg.log_dir)
+    records = scan_split(cfg.data.root, "train")
+    n = len(predictor.members)
+    if cfg.fit:
+        for k, member in enumerate(predictor.members):
+            train, val, _, where = _member_films(member, records, cfg, k, n)
+            print(
+                f"{member.path.name}: {where}; fitting on {len(train)} training films, threshold on {len(val)} validation films",
+                flush=True,
+            )
+            stats = fit_network(
+                member.net,
+                _load_images(train, member.image_size, member.interpolation),
+                _load_images(val, member.image_size, member.interpolation),
+                int(cfg.components),
+                float(cfg.acceptance),
+                fitted_on=f"{where}: {len(train)} training films (stratified subsample, seed {int(cfg.seed) + k}), "
+                f"threshold on {len(val)} validation films",
+                batch_size=int(cfg.batch_size),
+                device=device,
+            )
+            member.meta["ood"] = stats.to_meta()
+            print(
+                f"  threshold {stats.threshold:.4f} (distance at {100 * stats.acceptance:.0f}% of validation films)",
+                flush=True,
+            )
+            if cfg.write:
+                update_checkpoint_meta(member.path, ood=stats.to_meta())
+        if cfg.write and target.is_dir() and (target / MANIFEST_NAME).is_file():
+            update_ensemble_manifest(
+                target,
+                ood={
+                    "threshold": 1.0,
+                    "score": "mean over members of (PPCA Mahalanobis distance / the member's threshold)",
+                    "acceptance": float(cfg.acceptance),
+                    "components": int(cfg.components),
+                },
+            )
+        if cfg.write:
+            print(f"OOD statistics written into {target}")
+    if cfg.evaluate:
+        _evaluate(predictor, records, cfg, device)
+    return 0
+
+
+def _evaluate(predictor: Any, records: list[Any], cfg: Any, device: Any) -> None:
+    """Separation table: films held out from fitting vs the synthetic families, per member and for the ensemble."""
+    stats = predictor.ood_stats
+    if stats is None:
+        from xray.config_checks import ConfigError
+
+        raise ConfigError("evaluate=true: the checkpoint has no OOD statistics; run with fit=true first")
+    n = len(predictor.members)
+    held_out: list[Any] = []
+    for k, member in enumerate(predictor.members):
+        val = _member_films(member, records, cfg, k, n)[2] or _member_split(member, records, cfg, k, n)[1]
+        picks = stratified_subsample(
+            [r.label for r in val], max(1, int(cfg.n_eval) // n), int(cfg.seed) + 100 + k
+        )
+        held_out.append([val[i] for i in picks])
+    size, interpolation = predictor.members[0].image_size, predictor.members[0].interpolation
+    films_by_member = [_load_images(v, size, interpolation) for v in held_out]
+    films = torch.cat(films_by_member)
+    families = ood_families(films, int(cfg.n_family), seed=int(cfg.seed))
+    own: list[Tensor] = []
+    member_scores: dict[str, list[Tensor]] = {name: [] for name in ["films", *families]}
+    for k, member in enumerate(predictor.members):
+        _, f = extract_features(member.net, films, batch_size=int(cfg.batch_size), device=device)
+        member_scores["films"].append(stats[k].score(f))
+        start = sum(len(v) for v in films_by_member[:k])
+        own.append(stats[k].score(f[start : start + len(films_by_member[k])]))
+        for name, images in families.items():
+            _, f = extract_features(member.net, images, batch_size=int(cfg.batch_size), device=device)
+            member_scores[name].append(stats[k].score(f))
+    lines = ["## OOD score separation", ""]
+    per_member = separation(
+        torch.cat(own), {k: torch.cat(v) for k, v in member_scores.items() if k != "films"}, 1.0
+    )
+    lines += format_separation(
+        per_member,
+        "each member on its own fold's held-out validation films (never seen in its training), threshold 1.0",
+    )
+    combined = {k: combine_scores(v) for k, v in member_scores.items()}
+    ensemble = separation(combined.pop("films"), combined, predictor.ood_threshold)
+    if n > 1:
+        lines += [""] + format_separation(
+            ensemble,
+            f"the ensemble's score (mean of {n} members) on the same films, threshold {predictor.ood_threshold:g}; "
+            f"each film was in the training data of {n - 1} of the {n} members",
+        )
+    print("\n".join(lines))
+
+
+CONFIG_DIR = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "conf")
+
+
+def main() -> None:
+    """``python -m xray.ood key=value ...`` (Hydra, conf/ood.yaml); user errors exit 2 with one line."""
+    import logging
+    import sys
+
+    import hydra
+
+    from xray.cli import fail_cleanly
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="ood")
+    def _run(cfg: Any) -> None:
+        with fail_cleanly(logging.getLogger("xray")):
+            code = run_ood(cfg)
+        sys.exit(code)
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()
