@@ -8,6 +8,7 @@ into every checkpoint under ``checkpoint["xray"]`` as plain data, loadable with 
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
-from torchmetrics import MetricCollection, SumMetric
+from torchmetrics import Metric, MetricCollection, SumMetric
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc
+from torchmetrics.utilities import dim_zero_cat
 
 from xray.constants import CLASSES
 
@@ -31,6 +34,83 @@ def _float_or_none(value: Any) -> float | None:
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; the message names the epoch and step."""
+
+
+class EpochBinaryMetric(Metric):
+    """Accuracy or AUROC over a whole epoch, computed once at its end.
+
+    ``update`` only appends the batch's (probability, label) tensors: torchmetrics' own classification
+    metrics check their input with data-dependent Python branches (``if not torch.all(0 <= p <= 1)``),
+    each a host sync that stalls an accelerator's queue on every training step. Gathered across
+    processes like ``CatMetric``; the epoch's values are the same as ``BinaryAccuracy``/``BinaryAUROC``.
+    """
+
+    full_state_update = False
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind not in ("acc", "auroc"):
+            raise ValueError(f"kind must be 'acc' or 'auroc', got {kind!r}")
+        self.kind = kind
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.probs.append(probs.detach().flatten().float())
+        self.labels.append(labels.detach().flatten().long())
+
+    def compute(self) -> torch.Tensor:
+        probs, labels = dim_zero_cat(self.probs), dim_zero_cat(self.labels)
+        if self.kind == "acc":
+            return binary_accuracy(probs, labels, validate_args=False)
+        return binary_auroc(probs, labels, validate_args=False)
+
+
+class FiniteLossGuard:
+    """Stops training on a non-finite loss without a host sync per step on a GPU.
+
+    On the CPU the loss is checked at once (no queue to drain). On CUDA its ``isfinite`` flag is copied
+    ``non_blocking`` into pinned memory behind an event; each later step reads the flags whose event
+    has completed (``Event.query()``, which never waits), and :meth:`flush` waits for the rest (epoch
+    end, validation, before every checkpoint). Once a non-finite loss was seen every checkpoint save
+    raises, so no weights updated from it are ever written (the last good checkpoint is kept).
+    """
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[torch.Tensor, Any, str]] = deque()
+        self.error: NonFiniteLossError | None = None
+
+    def check(self, loss: torch.Tensor, where: str) -> None:
+        finite = torch.isfinite(loss.detach())
+        if finite.device.type != "cuda":
+            self._verdict(finite, where)
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((host, event, where))
+        self.poll()
+
+    def poll(self, wait: bool = False) -> None:
+        while self.pending and (wait or self.pending[0][1].query()):
+            host, event, where = self.pending.popleft()
+            event.synchronize()
+            self._verdict(host, where)
+
+    def flush(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self.poll(wait=True)
+
+    def _verdict(self, finite: torch.Tensor, where: str) -> None:
+        if not bool(finite):
+            self.pending.clear()
+            self.error = NonFiniteLossError(
+                f"non-finite training loss at {where}; the last good checkpoint is kept. "
+                "Lower the learning rate or check the input data."
+            )
+            raise self.error
 
 
 def flip_tta_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +153,11 @@ class XRayClassifier(LightningModule):
         self.temperature = 1.0  # fitted on validation logits after training (xray.calibration)
         self.preprocessing: dict[str, Any] = {}
         self.register_buffer("pos_weight", torch.ones(()), persistent=False)
+        # per-step updates never sync with the device; computed once at the end of the epoch
         self.train_metrics = MetricCollection(
-            {"acc": BinaryAccuracy(), "auroc": BinaryAUROC()}, prefix="train/"
+            {"acc": EpochBinaryMetric("acc"), "auroc": EpochBinaryMetric("auroc")}, prefix="train/"
         )
+        self.finite_guard = FiniteLossGuard()
         self.val_metrics = MetricCollection(
             {"acc": BinaryAccuracy(), "auroc": BinaryAUROC(), "n": SumMetric()}, prefix="val/"
         )
@@ -130,12 +212,9 @@ class XRayClassifier(LightningModule):
         images, labels, _ = batch
         logits = self(images)
         loss = self._loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, "
-                f"step {self.global_step} (batch {batch_idx}); the last good checkpoint is kept. "
-                "Lower the learning rate or check the input data."
-            )
+        self.finite_guard.check(
+            loss, f"epoch {self.current_epoch}, step {self.global_step} (batch {batch_idx})"
+        )
         self.train_metrics.update(torch.sigmoid(logits.detach().float()), labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, prog_bar=False)
@@ -169,6 +248,12 @@ class XRayClassifier(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self.finite_guard.flush()
+
+    def on_validation_start(self) -> None:
+        self.finite_guard.flush()
 
     def on_validation_epoch_start(self) -> None:
         self._reset_collected()
@@ -252,6 +337,7 @@ class XRayClassifier(LightningModule):
 
     # ----- checkpoint contents ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.finite_guard.flush()  # never write weights updated from a non-finite loss
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
             "net": dict(self.net.config),

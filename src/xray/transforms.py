@@ -160,7 +160,10 @@ class KerasAugmentParams:
         return KerasAugmentParams(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
     def to(self, device: torch.device | str | None) -> KerasAugmentParams:
-        return KerasAugmentParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """Move to ``device``; the host-to-accelerator copies are ``non_blocking`` (no stream sync per step)."""
+        return KerasAugmentParams(
+            **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
+        )
 
     @property
     def device(self) -> torch.device:
@@ -181,6 +184,12 @@ class KerasAugmentParams:
         return keras_affine_matrices(
             self.theta, self.tx, self.ty, self.shear, self.zx, self.zy, height, width
         )
+
+
+def _host_matrix(rows: list[list[float]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant built on the host and copied ``non_blocking``: ``torch.tensor(..., device=cuda)``
+    would copy synchronously, i.e. wait for every kernel queued so far, once per training step."""
+    return torch.tensor(rows, dtype=dtype).to(device, non_blocking=True)
 
 
 def _matrix_dtype(device: torch.device) -> torch.dtype:
@@ -209,7 +218,8 @@ def keras_affine_matrices(
     dtype = _matrix_dtype(device)
 
     def as_vec(v: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(v, device=device).to(dtype).reshape(-1)
+        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+        return v.to(device=device, dtype=dtype, non_blocking=True).reshape(-1)
 
     th = torch.deg2rad(as_vec(theta_deg))
     sh = torch.deg2rad(as_vec(shear_deg))
@@ -229,8 +239,8 @@ def keras_affine_matrices(
     zoom = mat([[zx_, zeros, zeros], [zeros, zy_, zeros], [zeros, zeros, ones]])
 
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    centre = torch.tensor([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]], dtype=dtype, device=device)
-    uncentre = torch.tensor([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]], dtype=dtype, device=device)
+    centre = _host_matrix([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]], dtype, device)
+    uncentre = _host_matrix([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]], dtype, device)
     m = centre @ rot @ shift @ shear @ zoom @ uncentre
     return m.reshape(b, 3, 3)
 
@@ -264,10 +274,10 @@ def apply_affine(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
 
     # Fold "input pixel -> [-1, 1]" into M (in float64 where available), then apply it to the exact
     # integer pixel coordinates of the output grid: one (B, H, W, 3) x (B, 3, 2) product.
-    m = matrices.to(device=images.device, dtype=_matrix_dtype(images.device))
+    m = matrices.to(device=images.device, dtype=_matrix_dtype(images.device), non_blocking=True)
     sx, ox = _pixel_to_normalized(w)
     sy, oy = _pixel_to_normalized(h)
-    norm = torch.tensor([[sx, 0.0, ox], [0.0, sy, oy], [0.0, 0.0, 1.0]], dtype=m.dtype, device=m.device)
+    norm = _host_matrix([[sx, 0.0, ox], [0.0, sy, oy], [0.0, 0.0, 1.0]], m.dtype, m.device)
     to_grid = (norm @ m)[:, :2, :].to(compute_dtype)  # (B, 2, 3): output pixel (x, y, 1) -> input (u, v)
     ys = torch.arange(h, dtype=compute_dtype, device=images.device)
     xs = torch.arange(w, dtype=compute_dtype, device=images.device)
@@ -574,7 +584,7 @@ def appearance_augment_batch(
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         u = torch.rand(b, 1, 1, 1, generator=generator, device=images.device if generator is None else "cpu")
-        return (lo + (hi - lo) * u).to(**opts)
+        return (lo + (hi - lo) * u).to(**opts, non_blocking=True)
 
     x = images
     if gamma:
@@ -601,5 +611,5 @@ def appearance_augment_batch(
     if noise:
         std = uniform(0.0, noise)
         gauss = torch.randn(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
-        x = x + std * gauss.to(**opts)
+        x = x + std * gauss.to(**opts, non_blocking=True)
     return x.clamp(0.0, 1.0)

@@ -3,6 +3,9 @@
 Datasets yield ``(image uint8 (1,S,S), label, index)``. Training augmentation (the Keras affine and
 flips) runs per batch on the training device in ``on_after_batch_transfer``, so a GPU is never starved
 by CPU workers; ``augment_on="sample"`` applies the same transform per sample in the workers instead.
+Batches stay uint8 until they are on the device; on CUDA they come from pinned memory
+(``pin_memory=auto``) and the training loader copies the next batch on a side stream while the current
+one trains (``prefetch=auto``, :class:`xray.data.prefetch.DevicePrefetcher`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.utils.data import (
 from xray.constants import CLASSES
 from xray.data.cache import DecodedCache, build_cache, load_resized
 from xray.data.io import probe_image
+from xray.data.prefetch import DevicePrefetcher, wants_pinned_memory
 from xray.data.records import Record, class_counts, patient_folds, scan_split, split_by_patient
 from xray.transforms import (
     KerasRandomAffine,
@@ -158,7 +162,8 @@ class XRayDataModule(LightningDataModule):
         download: bool = False,
         source: str = "kermany",
         size: int = 224,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
+        prefetch: bool | str = "auto",
     ) -> None:
         super().__init__()
         if image_size < 8:
@@ -170,7 +175,9 @@ class XRayDataModule(LightningDataModule):
         if val_source not in ("split", "official"):
             raise ValueError(f"data.val_source must be 'split' or 'official', got {val_source!r}")
         if n_folds is not None and (n_folds < 2 or not 0 <= fold < n_folds):
-            raise ValueError(f"data.fold must be in [0, data.n_folds) with n_folds >= 2, got {fold} of {n_folds}")
+            raise ValueError(
+                f"data.fold must be in [0, data.n_folds) with n_folds >= 2, got {fold} of {n_folds}"
+            )
         if n_folds is not None and val_source != "split":
             raise ValueError("data.n_folds needs data.val_source=split (folds are carved from train/)")
         if augment_on not in ("batch", "sample"):
@@ -200,7 +207,11 @@ class XRayDataModule(LightningDataModule):
         self.download = download
         self.source = source
         self.size = int(size)
+        wants_pinned_memory(pin_memory, None)  # a bad value fails now
+        if prefetch not in (True, False, "auto"):
+            raise ValueError(f"data.prefetch must be true, false or 'auto', got {prefetch!r}")
         self.pin_memory = pin_memory
+        self.prefetch = prefetch
         self.records: dict[str, list[Record]] = {}
         self.datasets: dict[str, XRayDataset] = {}
         self.bad_files: dict[str, str] = {}
@@ -318,6 +329,11 @@ class XRayDataModule(LightningDataModule):
     def _distributed(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
 
+    def device(self) -> torch.device | None:
+        """The training device of the attached trainer (None without one)."""
+        strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
+        return getattr(strategy, "root_device", None)
+
     def _loader(self, dataset: XRayDataset, sampler: Any) -> DataLoader:
         workers = self.num_workers
         if dataset.cache is not None and dataset.sample_transform is None:
@@ -328,7 +344,7 @@ class XRayDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=workers,
             collate_fn=collate_batches,
-            pin_memory=self.pin_memory,
+            pin_memory=wants_pinned_memory(self.pin_memory, self.device()),
             persistent_workers=workers > 0,
         )
 
@@ -345,7 +361,13 @@ class XRayDataModule(LightningDataModule):
             from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
             sampler = DistributedSamplerWrapper(sampler, shuffle=False)
-        return self._loader(dataset, sampler)
+        loader = self._loader(dataset, sampler)
+        device = self.device()
+        prefetch = self.prefetch == "auto" and device is not None and device.type == "cuda"
+        if (prefetch or self.prefetch is True) and device is not None:
+            # the next uint8 batch is copied to the GPU on a side stream while this one trains
+            return DevicePrefetcher(loader, device)  # type: ignore[return-value]
+        return loader
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.datasets[split]
