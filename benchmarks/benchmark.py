@@ -225,13 +225,17 @@ def job_train(a: argparse.Namespace, size: int, variant: str) -> dict[str, Any]:
         "bf16": ("bf16-mixed", True),
     }[variant]
     step, _ = make_step(size, a.batch_size, device, precision, channels_last)
-    step()  # warm-up (oneDNN / cuDNN primitive creation)
+    step()  # oneDNN / cuDNN primitive creation
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    number = max(1, min(200, round(a.budget / (time.perf_counter() - t0))))
     timer = tbench.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=a.budget)  # syncs CUDA at each block end
+    measurement = timer.timeit(number)  # one block of `number` steps; CUDA synced at its ends only
     return {
         "images_per_s": a.batch_size / measurement.median,
         "gflops": gflop_per_image(size) * a.batch_size / measurement.median,
-        "note": f"{precision}, {'channels_last' if channels_last else 'NCHW'}; {len(measurement.times)} blocks",
+        "note": f"{precision}, {'channels_last' if channels_last else 'NCHW'}; {number} timed steps",
     }
 
 
@@ -259,7 +263,7 @@ def job_train_keras(a: argparse.Namespace, size: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     x = rng.random((a.batch_size, size, size, 1), dtype=np.float32)
     y = rng.integers(0, 2, (a.batch_size, 1)).astype(np.float32)
-    times = timed(lambda: model.train_on_batch(x, y), a.budget, warmup=2)
+    times = timed(lambda: model.train_on_batch(x, y), a.budget, warmup=1)
     return {
         "images_per_s": a.batch_size / statistics.median(times),
         "gflops": gflop_per_image(size) * a.batch_size / statistics.median(times),

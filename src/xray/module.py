@@ -80,6 +80,9 @@ class FiniteLossGuard:
         self.pending: deque[tuple[torch.Tensor, Any, str]] = deque()
         self.error: NonFiniteLossError | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FiniteLossGuard:
+        return FiniteLossGuard()  # copies of the module (weight averaging) start with nothing pending
+
     def check(self, loss: torch.Tensor, where: str) -> None:
         finite = torch.isfinite(loss.detach())
         if finite.device.type != "cuda":

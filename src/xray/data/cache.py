@@ -8,13 +8,14 @@ when complete: an interrupted build never looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,47 @@ CACHE_VERSION = 1
 
 @dataclass
 class DecodedCache:
-    """A memory-mapped (N, S, S) uint8 array aligned with ``paths``; ``errors`` maps bad files to reasons."""
+    """An (N, S, S) uint8 ``.npy`` array aligned with ``paths``; ``errors`` maps bad files to reasons.
+
+    Training reads it with :meth:`read_rows` (``preadv`` into the batch buffer) rather than through a
+    memory map: the bytes come from the OS page cache either way, but mapped pages count in the process's
+    RSS once touched (1.3 GB more after one 500 px epoch over Kermany's 5,216 films) while read ones do not.
+    """
 
     array_path: Path
     paths: list[str]
     errors: dict[str, str]
+    _fd: int | None = field(default=None, init=False, repr=False, compare=False)
+    _layout: tuple[int, int, int] = field(default=(0, 0, 0), init=False, repr=False, compare=False)
 
     def open(self) -> np.ndarray:
         return np.load(self.array_path, mmap_mode="r")
+
+    def read_rows(self, rows: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
+        """Rows ``rows[k]`` into ``out[k]`` (each a C-contiguous (S, S) uint8 view), in file order."""
+        if self._fd is None or self._layout[2] != os.getpid():  # per process (DataLoader workers)
+            mapped = self.open()
+            self._layout = (int(mapped.offset), int(mapped.shape[1] * mapped.shape[2]), os.getpid())
+            del mapped
+            self._fd = os.open(self.array_path, os.O_RDONLY)
+        offset, nbytes, _ = self._layout
+        rows = np.asarray(rows, dtype=np.int64)
+        for k in np.argsort(rows, kind="stable"):
+            target = out[k]
+            if target.nbytes != nbytes or not target.flags.c_contiguous:
+                raise ValueError(f"out[{k}] must be a contiguous ({nbytes} bytes) uint8 image")
+            if os.preadv(self._fd, [memoryview(target).cast("B")], offset + int(rows[k]) * nbytes) != nbytes:
+                raise OSError(f"{self.array_path}: short read at row {rows[k]} (cache truncated?)")
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_fd"] = None  # each process opens its own descriptor
+        return state
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._layout[2] == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
 
 def load_resized(path: str | Path, image_size: int, interpolation: str) -> np.ndarray:

@@ -89,22 +89,17 @@ class XRayDataset(Dataset):
         self.cache = cache
         self.cache_rows = np.asarray(cache_rows if cache_rows is not None else [], dtype=np.int64)
         self.sample_transform = sample_transform
-        self._array: np.ndarray | None = None  # opened lazily: each worker maps the file itself
         self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _cached(self) -> np.ndarray:
-        if self._array is None:
-            assert self.cache is not None
-            self._array = self.cache.open()
-        return self._array
-
     def image(self, index: int) -> torch.Tensor:
         """uint8 (1, S, S) for one record."""
         if self.cache is not None:
-            array = np.array(self._cached()[self.cache_rows[index]])
+            array = np.empty((1, self.image_size, self.image_size), dtype=np.uint8)
+            self.cache.read_rows(self.cache_rows[index : index + 1], array)
+            array = array[0]
         else:
             array = load_resized(self.records[index].path, self.image_size, self.interpolation)
         return torch.from_numpy(array).unsqueeze(0)
@@ -116,24 +111,17 @@ class XRayDataset(Dataset):
         return image, self.labels[index], index
 
     def __getitems__(self, indices: list[int]) -> Any:
-        """Batched read: one fancy-indexed read of the memory map, returned already collated.
+        """Batched read straight into one uint8 batch buffer, returned already collated.
 
-        The batch is built in NumPy from that one read (no per-image tensors to stack), so a cached
-        batch costs one memory copy; ``collate_batches`` passes it through unchanged.
+        Each image is one ``preadv`` from the cache file (in file order) into its place in the batch
+        (no per-image tensors to stack, one memory copy); ``collate_batches`` passes it through unchanged.
         """
         if self.cache is None or self.sample_transform is not None:
             return [self[i] for i in indices]
-        rows = self.cache_rows[indices]
-        order = np.argsort(rows, kind="stable")
         block = np.empty((len(indices), 1, self.image_size, self.image_size), dtype=np.uint8)
-        block[order, 0] = self._cached()[rows[order]]
+        self.cache.read_rows(self.cache_rows[indices], block[:, 0])
         index = torch.as_tensor(indices, dtype=torch.long)
         return PreCollated((torch.from_numpy(block), self.labels[index], index))
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_array"] = None  # never pickle the mapped array into worker processes
-        return state
 
 
 class XRayDataModule(LightningDataModule):
