@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,7 @@ def job_data(a: argparse.Namespace, size: int, kind: str) -> dict[str, Any]:
 
     import xray.data.cache as cache_module
     from xray.data.datamodule import XRayDataModule, XRayDataset
+    from xray.data.prefetch import move_to_device
     from xray.data.records import scan_split
     from xray.transforms import train_transform
 
@@ -122,15 +124,14 @@ def job_data(a: argparse.Namespace, size: int, kind: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     dm.setup("fit")
     build_s = time.perf_counter() - t0
-    device = torch.device(a.device)
-    dm.trainer = type("T", (), {"training": True, "world_size": 1})()  # augmentation on, no DDP
+    device = torch.device(a.device)  # a stand-in trainer: augmentation on, no DDP, pinned + prefetch on CUDA
+    dm.trainer = SimpleNamespace(training=True, world_size=1, strategy=SimpleNamespace(root_device=device))
     decodes["n"] = 0
 
     def one_pass() -> int:
         seen = 0
         for batch in dm.train_dataloader():
-            batch = tuple(t.to(device, non_blocking=True) if hasattr(t, "to") else t for t in batch)
-            images = dm.on_after_batch_transfer(batch, 0)[0]
+            images = dm.on_after_batch_transfer(move_to_device(batch, device, non_blocking=True), 0)[0]
             seen += images.shape[0]
         sync(device)
         return seen
@@ -222,6 +223,7 @@ def job_train(a: argparse.Namespace, size: int, variant: str) -> dict[str, Any]:
         "fp32_nchw": ("32-true", False),
         "fp32_channels_last": ("32-true", True),
         "default": default_settings(device),
+        "default_stock_malloc": default_settings(device),
         "bf16": ("bf16-mixed", True),
     }[variant]
     step, _ = make_step(size, a.batch_size, device, precision, channels_last)
@@ -264,9 +266,8 @@ def job_train_keras(a: argparse.Namespace, size: int) -> dict[str, Any]:
     x = rng.random((a.batch_size, size, size, 1), dtype=np.float32)
     y = rng.integers(0, 2, (a.batch_size, 1)).astype(np.float32)
     times = timed(lambda: model.train_on_batch(x, y), a.budget, warmup=1)
-    return {
+    return {  # no torch in this process: TensorFlow and torch in one process can crash
         "images_per_s": a.batch_size / statistics.median(times),
-        "gflops": gflop_per_image(size) * a.batch_size / statistics.median(times),
         "note": f"tf_keras train_on_batch, TensorFlow {tf.__version__}; {len(times)} steps",
     }
 
@@ -448,6 +449,8 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
         if "train" in a.sections:
             add("train/fp32_nchw", "train", variant="fp32_nchw")
             add("train/default", "train", variant="default")
+            if not cuda:  # keep_freed_memory's share of the default (a host allocator setting)
+                add("train/default_stock_malloc", "train", variant="default_stock_malloc")
             if default_precision != "32-true":  # is fp32 faster here after all?
                 add("train/fp32_channels_last", "train", variant="fp32_channels_last")
             if default_precision != "bf16-mixed":
@@ -472,7 +475,7 @@ def run_job(a: argparse.Namespace, job: dict[str, Any]) -> list[dict[str, Any]]:
     if (
         a.keep_freed_memory
         and not a.in_process
-        and (product or job.get("variant") not in (None, "fp32_nchw"))
+        and (product or job.get("variant") not in (None, "fp32_nchw", "default_stock_malloc"))
     ):
         from xray.runtime import keep_freed_memory
 
@@ -509,7 +512,10 @@ def run_child(a: argparse.Namespace, argv: list[str], job: dict[str, Any]) -> li
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     by = {(r["name"], r["image_size"]): r.get("images_per_s") for r in rows}
+    flops = {r["image_size"]: r["gflops"] / r["images_per_s"] for r in rows if r.get("gflops")}
     for r in rows:
+        if r["name"] == "train/keras" and r.get("images_per_s") and r["image_size"] in flops:
+            r["gflops"] = r["images_per_s"] * flops[r["image_size"]]  # the same network, the same FLOPs
         ips, size = r.get("images_per_s"), r["image_size"]
         group = r["name"].split("/")[0]
         base = {"data": "data/naive", "train": "train/fp32_nchw", "loop": "train/fp32_nchw"}.get(group)
