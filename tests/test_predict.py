@@ -23,6 +23,7 @@ from tests.odd_files import (
     gradient_image,
     make_odd_files,
     make_valid_files,
+    noise_image,
     write_dicom,
     write_png,
 )
@@ -36,6 +37,7 @@ from xray.inference import (
     EXIT_SOME_FAILED,
     GradCam,
     InputError,
+    WarningLimits,
     class_from_path,
     collate_separating_failures,
     collect_inputs,
@@ -349,6 +351,9 @@ def test_threshold_defaults_to_half_when_checkpoint_has_none(
         ("threshold=1.5", "threshold must be a number in"),
         ("batch_size=0", "batch_size must be"),
         ("device=tpu9", "is not a torch device"),
+        ("warn.min_side=0", "warn.min_side must be"),
+        ("warn.max_aspect=0.5", "warn.max_aspect must be"),
+        ("ood=maybe", "ood must be true or false"),
     ],
 )
 def test_bad_settings_exit_2(
@@ -588,3 +593,88 @@ def test_predict_py_refuses_malicious_checkpoint(few_images: Path, tmp_path: Pat
     assert f"error: {evil}: refused to load" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------- OOD score, warnings, new formats
+def test_ood_score_and_warning_columns(best_ckpt: Path, few_images: Path, tmp_path: Path, capsys) -> None:
+    """Odd inputs are still predicted, and say why they are odd; the summary counts the warnings."""
+    folder = tmp_path / "odd_inputs"
+    shutil.copytree(few_images, folder)
+    Image.fromarray(gradient_image(3, 3)).save(folder / "tiny.png")
+    Image.fromarray(noise_image(300, 8, seed=1)).save(folder / "strip.webp", lossless=True)
+    frames = [Image.fromarray(np.full((80, 80), v, np.uint8)) for v in (40, 160)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    out = tmp_path / "out"
+    assert run_cli(out, [f"ckpt={best_ckpt}", f"input={folder}"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    columns, rows = read_csv(out / "preds.csv")
+    assert columns[-3:] == ["ood_score", "warning", "error"]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert len(rows) == 6 and all(r["prob_pneumonia"] and r["ood_score"] for r in rows)
+    assert "smaller than the minimum size (3x3 px" in by_name["tiny.png"]["warning"]
+    assert "extreme aspect ratio (8x300, 37.5:1" in by_name["strip.webp"]["warning"]
+    assert "more than one frame (2 frames; the first was used)" in by_name["anim.gif"]["warning"]
+    assert "outside the training distribution" in by_name["strip.webp"]["warning"]  # noise: far from films
+    for row in rows:
+        flagged = float(row["ood_score"]) > 1.0
+        assert flagged == ("outside the training distribution" in row["warning"])
+    n_warned = sum(1 for r in rows if r["warning"])
+    assert f"warnings: {n_warned} of 6 predicted files (outside the training distribution" in printed
+    assert (
+        "smaller than the minimum size 2, extreme aspect ratio 1, more than one frame 1)" in printed
+    )  # strip: 8 px
+
+
+def test_warning_limits_are_settings(best_ckpt: Path, tmp_path: Path) -> None:
+    p = png(tmp_path / "in" / "small.png")  # 64x48
+    rows = predict_files(load_model(best_ckpt), [p], device="cpu", limits=WarningLimits(min_side=49))
+    assert "small" in rows[0].warnings
+    rows = predict_files(load_model(best_ckpt), [p], device="cpu", limits=WarningLimits(min_side=48))
+    assert "small" not in rows[0].warnings
+
+
+def test_checkpoint_without_ood_stats_still_predicts(
+    best_ckpt: Path, few_images: Path, tmp_path: Path, capsys
+) -> None:
+    checkpoint = load_checkpoint_file(best_ckpt)
+    del checkpoint["xray"]["ood"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    out = tmp_path / "out"
+    assert run_cli(out, [f"ckpt={old}", f"input={few_images}"]) == EXIT_OK
+    assert "has no OOD statistics" in capsys.readouterr().out
+    _, rows = read_csv(out / "preds.csv")
+    assert all(r["prob_pneumonia"] and r["ood_score"] == "" for r in rows)
+    rows_off = predict_files(load_model(best_ckpt), collect_inputs(few_images), device="cpu", ood=False)
+    assert all(r.ood_score is None for r in rows_off)
+
+
+def test_exif_rotated_photo_predicts_like_the_upright_one(best_ckpt: Path, tmp_path: Path) -> None:
+    """A film photographed sideways with EXIF "rotate 90" is scored as the upright picture."""
+    rng = np.random.default_rng(5)
+    upright = np.clip(rng.normal(100, 30, (96, 64)), 0, 255).astype(np.uint8)
+    upright[:30] = 220  # not symmetric: reading it sideways changes what the network sees
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(
+        folder / "sideways.png", exif=exif.tobytes()
+    )
+    Image.fromarray(upright).save(folder / "upright.png")
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(folder / "no_exif.png")
+    rows = {
+        Path(r.path).name: r
+        for r in predict_files(load_model(best_ckpt), collect_inputs(folder), device="cpu")
+    }
+    assert rows["sideways.png"].prob_pneumonia == pytest.approx(rows["upright.png"].prob_pneumonia, abs=1e-6)
+    assert rows["no_exif.png"].prob_pneumonia != pytest.approx(rows["upright.png"].prob_pneumonia, abs=1e-6)
+
+
+def test_folder_scan_finds_webp_and_gif(tmp_path: Path) -> None:
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    for name in ("a.webp", "b.GIF", "c.png"):
+        Image.fromarray(gradient_image()).save(folder / name)
+    (folder / "notes.txt").write_text("x")
+    assert [p.name for p in collect_inputs(folder)] == ["a.webp", "b.GIF", "c.png"]
