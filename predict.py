@@ -1,9 +1,8 @@
 """Predict with a trained classifier: ``python predict.py ckpt=best input=PATH`` (Hydra; conf/predict.yaml).
 
 ``input=`` a file, a folder (recursive), a quoted glob or a ``.txt`` list; without it, ``data.root``'s
-test folder with metrics. Writes ``preds.csv`` (path, prob_pneumonia, label, threshold, ood_score, warning,
-error) into
-``logs/predict/runs/<timestamp>/`` unless ``output=`` says otherwise.
+test folder with metrics. Writes ``preds.csv`` (path, prob_pneumonia, label, threshold, ood_score,
+warning, error) into ``logs/predict/runs/<timestamp>/`` unless ``output=`` says otherwise.
 
 Exit codes: 0 every file predicted; 3 (``EXIT_SOME_FAILED``) some files could not be read (their rows
 say why; all others were predicted); 2 (``EXIT_USER_ERROR``) bad checkpoint, input or setting.
