@@ -145,7 +145,9 @@ class EfficientNetLite(nn.Module):
         self.classifier = nn.Linear(1280, 1)
         self.normalize = normalize
         if not 0 <= freeze_blocks <= len(self.features):
-            raise ValueError(f"model.net.freeze_blocks must be in [0, {len(self.features)}], got {freeze_blocks}")
+            raise ValueError(
+                f"model.net.freeze_blocks must be in [0, {len(self.features)}], got {freeze_blocks}"
+            )
         self.freeze_blocks = int(freeze_blocks)
         for param in self.features[: self.freeze_blocks].parameters():
             param.requires_grad_(False)
@@ -185,7 +187,9 @@ def offline_weights_path(variant: str) -> Path:
     return files[0]
 
 
-def map_efficientnet_pytorch_state(source: dict[str, torch.Tensor], net: EfficientNetLite) -> dict[str, torch.Tensor]:
+def map_efficientnet_pytorch_state(
+    source: dict[str, torch.Tensor], net: EfficientNetLite
+) -> dict[str, torch.Tensor]:
     """Map an ``efficientnet_pytorch``-layout state dict onto ``net`` by position, shapes checked.
 
     Both list their tensors in the same order (stem, blocks' expand/depthwise/project conv+BN, head);
