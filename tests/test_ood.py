@@ -254,3 +254,35 @@ def test_shipped_ensemble_has_ood_stats_and_separates_on_real_films() -> None:
     assert table["films"]["flagged"] <= 0.15
     for name in ("noise", "gradient", "texture", "crop", "tiny", "elongated"):
         assert table[name]["auroc"] > 0.95, (name, table[name])
+
+
+# ------------------------------------------------------------------------------ python -m xray.ood
+def test_ood_command_fits_an_older_checkpoint(
+    trained_run: Path, session_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    """One command gives a checkpoint without statistics its statistics, then the separation table."""
+    from tests.helpers import compose_hydra
+    from xray.ood import run_ood
+
+    ckpt = load_checkpoint_file(trained_run / "checkpoints" / "best_xray_model.ckpt")
+    del ckpt["xray"]["ood"], ckpt["xray"]["split"]  # as written before #13
+    old = tmp_path / "old.ckpt"
+    atomic_torch_save(ckpt, old)
+    assert load_model(old).ood is None
+    overrides = [
+        f"ckpt={old}",
+        f"data.root={session_dataset}",
+        "n_fit=40",
+        "n_val=4",
+        "n_eval=4",
+        "n_family=3",
+    ]
+    assert run_ood(compose_hydra("ood", tmp_path / "run", [*overrides, "components=8", "evaluate=true"])) == 0
+    printed = capsys.readouterr().out
+    stats = load_model(old).ood
+    assert stats is not None and stats.n_fit == 40 and stats.n_val == 4 and stats.components.shape[0] == 8
+    assert "patient-grouped split, validation fraction 0.1" in stats.fitted_on
+    assert "| noise |" in printed and "AUROC (films vs family)" in printed
+    bad = compose_hydra("ood", tmp_path / "run2", [*overrides, "acceptance=1.5"])
+    with pytest.raises(ValueError, match="acceptance must be in"):
+        run_ood(bad)
