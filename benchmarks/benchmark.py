@@ -170,17 +170,23 @@ def default_settings(device: Any) -> tuple[str, bool]:
     return resolve_precision("auto", device.type), True
 
 
-def make_step(size: int, batch: int, device: Any, precision: str, channels_last: bool) -> Any:
-    """One optimisation step of the seed CNN as XRayClassifier does it, on fixed device-resident input."""
+def make_step(
+    size: int, batch: int, device: Any, precision: str, channels_last: bool, default: bool = False
+) -> Any:
+    """One optimisation step of the seed CNN as XRayClassifier does it, on fixed device-resident input
+    (``default``: with what ``XRayClassifier.configure_model`` adds on this machine)."""
     import torch
     import torch.nn.functional as F
 
+    from xray.conv_grad import use_nchw_weight_grad, wants_nchw_weight_grad
     from xray.models import SeedCNN
 
     torch.manual_seed(0)
     net = SeedCNN(image_size=size).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
+    if default and wants_nchw_weight_grad(device, channels_last):
+        use_nchw_weight_grad(net)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
     x = torch.rand(batch, 1, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (batch,), device=device).float()
@@ -200,6 +206,18 @@ def make_step(size: int, batch: int, device: Any, precision: str, channels_last:
             optimizer.step()
 
     return step, net
+
+
+def layout(device: Any, channels_last: bool, default: bool) -> str:
+    from xray.conv_grad import wants_nchw_weight_grad
+
+    if not channels_last:
+        return "NCHW"
+    return (
+        "channels_last, NCHW weight grads"
+        if default and wants_nchw_weight_grad(device, True)
+        else "channels_last"
+    )
 
 
 def gflop_per_image(size: int) -> float:
@@ -226,7 +244,7 @@ def job_train(a: argparse.Namespace, size: int, variant: str) -> dict[str, Any]:
         "default_stock_malloc": default_settings(device),
         "bf16": ("bf16-mixed", True),
     }[variant]
-    step, _ = make_step(size, a.batch_size, device, precision, channels_last)
+    step, _ = make_step(size, a.batch_size, device, precision, channels_last, variant.startswith("default"))
     step()  # oneDNN / cuDNN primitive creation
     t0 = time.perf_counter()
     step()
@@ -237,7 +255,7 @@ def job_train(a: argparse.Namespace, size: int, variant: str) -> dict[str, Any]:
     return {
         "images_per_s": a.batch_size / measurement.median,
         "gflops": gflop_per_image(size) * a.batch_size / measurement.median,
-        "note": f"{precision}, {'channels_last' if channels_last else 'NCHW'}; {number} timed steps",
+        "note": f"{precision}, {layout(device, channels_last, variant.startswith('default'))}; {number} timed steps",
     }
 
 
@@ -329,7 +347,7 @@ def job_loop(a: argparse.Namespace, size: int) -> list[dict[str, Any]]:
 
     device = torch.device(a.device)
     precision, channels_last = default_settings(device)
-    step, _ = make_step(size, a.batch_size, device, precision, channels_last)
+    step, _ = make_step(size, a.batch_size, device, precision, channels_last, default=True)
     for _ in range(a.loop_warmup):
         step()
     sync(device)
@@ -358,7 +376,7 @@ def job_loop(a: argparse.Namespace, size: int) -> list[dict[str, Any]]:
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     real = a.batch_size * timer.steps / timer.wall
-    setting = f"{precision}, {'channels_last' if channels_last else 'NCHW'}"
+    setting = f"{precision}, {layout(device, channels_last, True)}"
     return [
         {
             "name": "loop/ceiling",
@@ -382,7 +400,7 @@ def profile_step(a: argparse.Namespace, size: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(a.device)
-    step, _ = make_step(size, a.batch_size, device, *default_settings(device))
+    step, _ = make_step(size, a.batch_size, device, *default_settings(device), default=True)
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=False) as prof:

@@ -36,7 +36,12 @@ def test_cpu_bf16_probe_reads_the_kernel_flags(tmp_path: Path) -> None:
     ],
 )
 def test_auto_precision_rule(
-    monkeypatch: pytest.MonkeyPatch, cuda: bool, cuda_bf16: bool, cpu_bf16: bool, accelerator: str, expected: str
+    monkeypatch: pytest.MonkeyPatch,
+    cuda: bool,
+    cuda_bf16: bool,
+    cpu_bf16: bool,
+    accelerator: str,
+    expected: str,
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
@@ -50,7 +55,9 @@ def test_explicit_precision_wins(monkeypatch: pytest.MonkeyPatch, explicit: str 
     assert resolve_precision(explicit, "cpu") == explicit
 
 
-def test_training_records_the_resolved_precision(monkeypatch: pytest.MonkeyPatch, dataset_root: Path, tmp_path: Path) -> None:
+def test_training_records_the_resolved_precision(
+    monkeypatch: pytest.MonkeyPatch, dataset_root: Path, tmp_path: Path
+) -> None:
     import json
 
     from tests.helpers import run_training
