@@ -12,7 +12,9 @@ from tests.helpers import compose_config, run_script
 from xray.config_checks import ConfigError, validate_config
 
 
-@pytest.mark.parametrize("experiment", ["seed", "smoke", "cpu_fast", "cpu_transfer", "cpu_transfer_cv", "best"])
+@pytest.mark.parametrize(
+    "experiment", ["seed", "smoke", "cpu_fast", "cpu_transfer", "cpu_transfer_cv", "best"]
+)
 def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> None:
     cfg = compose_config(tmp_path / "data", tmp_path / "run", [f"experiment={experiment}"], tiny=False)
     validate_config(cfg)
@@ -33,7 +35,9 @@ def test_cv_experiment_sweeps_the_folds(tmp_path: Path) -> None:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=cpu_transfer_cv"], return_hydra_config=True)
+        cfg = compose(
+            config_name="config", overrides=["experiment=cpu_transfer_cv"], return_hydra_config=True
+        )
     assert str(cfg.hydra.sweeper.params["data.fold"]) == "0,1,2,3,4"
 
 

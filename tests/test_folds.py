@@ -17,7 +17,9 @@ def _records() -> list[Record]:
     records = [Record(Path(f"IM-{p:04d}-{i}.jpeg"), 0, f"im-{p:04d}") for p in range(100) for i in range(3)]
     sizes = [1 + (p % 6) for p in range(200)]
     records += [
-        Record(Path(f"person{p}_bacteria_{i}.jpeg"), 1, f"person{p}") for p in range(200) for i in range(sizes[p])
+        Record(Path(f"person{p}_bacteria_{i}.jpeg"), 1, f"person{p}")
+        for p in range(200)
+        for i in range(sizes[p])
     ]
     return records
 
@@ -60,7 +62,12 @@ def test_datamodule_folds_partition_the_training_split(dataset_root: Path, tmp_p
     n_train = len(scan_split(dataset_root, "train"))
     for fold in range(3):
         dm = XRayDataModule(
-            root=str(dataset_root), image_size=32, num_workers=0, n_folds=3, fold=fold, cache_dir=str(tmp_path)
+            root=str(dataset_root),
+            image_size=32,
+            num_workers=0,
+            n_folds=3,
+            fold=fold,
+            cache_dir=str(tmp_path),
         )
         dm.setup("fit")
         train = {str(r.path) for r in dm.records["train"]}

@@ -71,7 +71,10 @@ def test_last_ckpt_follows_every_epoch_even_when_validation_never_improves(tmp_p
     assert best["epoch"] == 0  # the best checkpoint is still the best validation loss
     assert isinstance(trainer.checkpoint_callback, ModelCheckpoint)
     assert trainer.checkpoint_callback.monitor == "val/loss"  # Lightning's "best" is best_xray_model
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best_xray_model.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "best_xray_model.ckpt",
+        "last.ckpt",
+    ]
 
 
 def test_last_ckpt_written_when_training_is_interrupted(tmp_path: Path) -> None:

@@ -45,7 +45,9 @@ def test_shipped_model_on_the_official_val_folder(tmp_path: Path) -> None:
     """``predict.py ckpt=pretrained`` on the 16 official val/ films (never used for training or selection)."""
     from tests.helpers import run_script
 
-    proc = run_script("predict.py", ["ckpt=pretrained", f"input={REAL_DATA / 'val'}", f"output={tmp_path / 'p.csv'}"])
+    proc = run_script(
+        "predict.py", ["ckpt=pretrained", f"input={REAL_DATA / 'val'}", f"output={tmp_path / 'p.csv'}"]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n"] == 16

@@ -78,7 +78,7 @@ def test_cv_command_pools_the_folds(fold_runs: list[Path], tmp_path: Path) -> No
     assert cv_main([str(p) for p in fold_runs] + ["--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "cv_metrics.json").read_text())
     n = sum(
-        len(list(csv.DictReader(open(run / "val_predictions.csv")))) for run in fold_runs  # noqa: SIM115
+        len(list(csv.DictReader((run / "val_predictions.csv").read_text().splitlines()))) for run in fold_runs
     )
     assert n == 80 == summary["n_images"]  # every training image scored once, out of fold
     assert "## Pooled out-of-fold metrics" in (tmp_path / "cv_report.md").read_text()
@@ -92,7 +92,10 @@ def test_cv_shift_youden_pools_the_shifted_predictions(fold_runs: list[Path], tm
     from xray.calibration import apply_temperature
     from xray.evaluation import choose_threshold
 
-    assert cv_main([str(p) for p in fold_runs] + ["--out", str(tmp_path), "--threshold-rule", "shift_youden"]) == 0
+    assert (
+        cv_main([str(p) for p in fold_runs] + ["--out", str(tmp_path), "--threshold-rule", "shift_youden"])
+        == 0
+    )
     summary = json.loads((tmp_path / "cv_metrics.json").read_text())
     labels, logits = [], []
     for run in fold_runs:
@@ -106,7 +109,9 @@ def test_cv_shift_youden_pools_the_shifted_predictions(fold_runs: list[Path], tm
     assert "## Pooled shift validation" in (tmp_path / "cv_report.md").read_text()
 
 
-def test_cv_writes_the_fold_models_as_one_ensemble(fold_runs: list[Path], session_dataset: Path, tmp_path: Path) -> None:
+def test_cv_writes_the_fold_models_as_one_ensemble(
+    fold_runs: list[Path], session_dataset: Path, tmp_path: Path
+) -> None:
     import torch
 
     from xray.checkpoints import load_model, load_predictor
@@ -125,9 +130,13 @@ def test_cv_writes_the_fold_models_as_one_ensemble(fold_runs: list[Path], sessio
     from xray.data.cache import load_resized
     from xray.transforms import rescale
 
-    images = rescale(torch.stack([torch.from_numpy(load_resized(f, 48, "bilinear")).unsqueeze(0) for f in files]))
+    images = rescale(
+        torch.stack([torch.from_numpy(load_resized(f, 48, "bilinear")).unsqueeze(0) for f in files])
+    )
     with torch.no_grad():
         mean_logit = torch.stack([m.net(images) for m in members]).mean(0)
     expected = torch.sigmoid(mean_logit / manifest["temperature"])
     assert [r.prob_pneumonia for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
-    assert (out / "fold0.ckpt").stat().st_size < (fold_runs[0] / "checkpoints" / "best_xray_model.ckpt").stat().st_size
+    assert (out / "fold0.ckpt").stat().st_size < (
+        fold_runs[0] / "checkpoints" / "best_xray_model.ckpt"
+    ).stat().st_size

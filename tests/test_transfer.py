@@ -24,7 +24,11 @@ from xray.transforms import appearance_augment_batch
 
 def _efficientnet_pytorch_layout(net: EfficientNetLite) -> dict[str, torch.Tensor]:
     """A state dict in the wheel's key layout (names differ, order and shapes match), 1000-class head."""
-    state = {f"_layer{i:03d}": v.clone() for i, (k, v) in enumerate(net.state_dict().items()) if not k.startswith("classifier")}
+    state = {
+        f"_layer{i:03d}": v.clone()
+        for i, (k, v) in enumerate(net.state_dict().items())
+        if not k.startswith("classifier")
+    }
     state["_fc.weight"], state["_fc.bias"] = torch.randn(1000, 1280), torch.randn(1000)
     return state
 
@@ -138,6 +142,8 @@ def test_temperature_scaling_lowers_log_loss_of_overconfident_scores() -> None:
         assert log_loss(logits, labels, t) < log_loss(logits, labels) - 0.01
         # the ranking is untouched (up to float32 saturation of the uncalibrated probabilities)
         auroc_before = binary_auroc(torch.sigmoid(logits.double()), labels)
-        assert binary_auroc(apply_temperature(logits, t), labels) == pytest.approx(float(auroc_before), abs=1e-4)
+        assert binary_auroc(apply_temperature(logits, t), labels) == pytest.approx(
+            float(auroc_before), abs=1e-4
+        )
     assert fit_temperature(torch.randn(10), torch.zeros(10)) == 1.0  # one class: undefined
     assert math.isfinite(fit_temperature(torch.tensor([50.0, -50.0]), torch.tensor([1, 0])))

@@ -45,7 +45,9 @@ def _appearance_ok(v: Any) -> bool:
         return True
     if not isinstance(v, DictConfig):
         return False
-    return set(v) <= APPEARANCE_KEYS and all(_is_num(v[k]) and v[k] >= 0 for k in v) and v.get("blur_p", 0) <= 1
+    return (
+        set(v) <= APPEARANCE_KEYS and all(_is_num(v[k]) and v[k] >= 0 for k in v) and v.get("blur_p", 0) <= 1
+    )
 
 
 # key -> (check, what it must be)

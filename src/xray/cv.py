@@ -204,7 +204,10 @@ def _read_shift_predictions(path: Path) -> dict[str, tuple[Tensor, Tensor]] | No
                 logits.append(float(row["logit"]))
             except (KeyError, TypeError, ValueError):
                 raise CVError(f"{path}:{line_no}: malformed row (expected shift,label,logit)") from None
-    return {k: (torch.tensor(y, dtype=torch.long), torch.tensor(z, dtype=torch.float64)) for k, (y, z) in rows.items()}
+    return {
+        k: (torch.tensor(y, dtype=torch.long), torch.tensor(z, dtype=torch.float64))
+        for k, (y, z) in rows.items()
+    }
 
 
 def _run_dirs(path: Path) -> list[Path]:
@@ -364,7 +367,9 @@ def aggregate(
     JSON-ready dict (what ``cv_metrics.json`` holds).
     """
     if threshold_rule not in CV_THRESHOLD_RULES:
-        raise CVError(f"unknown threshold rule {threshold_rule!r}; expected one of {list(CV_THRESHOLD_RULES)}")
+        raise CVError(
+            f"unknown threshold rule {threshold_rule!r}; expected one of {list(CV_THRESHOLD_RULES)}"
+        )
     if threshold_rule == "sensitivity" and not 0.0 < target_sensitivity <= 1.0:
         raise CVError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
     if n_bootstrap < 1:
@@ -395,7 +400,9 @@ def aggregate(
         labels_sub = next(iter(shifted.values()))[0]  # every shift scores the same images
         threshold = shift_youden_threshold({k: z for k, (_, z) in shifted.items()}, labels_sub, temperature)
     else:
-        threshold = choose_threshold(probs, labels, rule=threshold_rule, target_sensitivity=target_sensitivity)
+        threshold = choose_threshold(
+            probs, labels, rule=threshold_rule, target_sensitivity=target_sensitivity
+        )
     pooled = evaluate(probs, labels, threshold, n_boot=n_bootstrap, seed=seed)
     pooled["log_loss"] = log_loss(logits, labels, temperature)
 

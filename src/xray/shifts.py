@@ -289,7 +289,9 @@ def _binary_metrics(logits: Tensor, labels: Tensor, threshold: float, temperatur
     }
 
 
-def shift_youden_threshold(logits_by_shift: dict[str, Tensor], labels: Tensor, temperature: float = 1.0) -> float:
+def shift_youden_threshold(
+    logits_by_shift: dict[str, Tensor], labels: Tensor, temperature: float = 1.0
+) -> float:
     """Youden's J on the clean and shifted scores pooled (the ``shift_youden`` rule): an operating point
     that holds when acquisition changes, where a clean-only one sits anywhere in a wide gap."""
     from xray.calibration import apply_temperature
