@@ -37,17 +37,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-KERAS_AUGMENT = {  # the seed's ImageDataGenerator (conf/data/kermany.yaml `augment`)
-    "rotation_range": 30.0,
-    "width_shift_range": 0.2,
-    "height_shift_range": 0.2,
-    "shear_range": 0.1,
-    "zoom_range": 0.2,
-    "fill_mode": "nearest",
-    "horizontal_flip": True,
-    "vertical_flip": True,
-}
 NOT_MEASURED = "not measured"
+
+
+def keras_augment() -> dict[str, Any]:
+    """The seed's ImageDataGenerator settings, read from conf/data/kermany.yaml (no torch import)."""
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "kermany.yaml"))["augment"])
 
 
 def peak_rss_mb() -> float:
@@ -96,7 +93,7 @@ def job_data(a: argparse.Namespace, size: int, kind: str) -> dict[str, Any]:
     if kind == "naive":  # what a straight port does: every sample decoded, resized, augmented in workers
         records = scan_split(a.fullres_dir, "train")
         records = (records * (n_images // len(records) + 1))[:n_images]
-        dataset = XRayDataset(records, size, sample_transform=train_transform(KERAS_AUGMENT))
+        dataset = XRayDataset(records, size, sample_transform=train_transform(keras_augment()))
 
         def one_pass() -> None:
             loader = DataLoader(dataset, batch_size=a.batch_size, num_workers=a.num_workers)
@@ -149,7 +146,7 @@ def job_data_keras(a: argparse.Namespace, size: int) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tf_keras as keras
 
-    generator = keras.preprocessing.image.ImageDataGenerator(rescale=1.0 / 255, **KERAS_AUGMENT)
+    generator = keras.preprocessing.image.ImageDataGenerator(rescale=1.0 / 255, **keras_augment())
     flow = generator.flow_from_directory(
         str(a.fullres_dir / "train"), target_size=(size, size), color_mode="grayscale",
         batch_size=a.batch_size, class_mode="binary", seed=0,

@@ -75,6 +75,12 @@ def trained_run(session_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def best_ckpt(trained_run: Path) -> Path:
+    """The best checkpoint of the session's trained run."""
+    return trained_run / "checkpoints" / "best_xray_model.ckpt"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_real = pytest.mark.skip(reason=f"real data not found at {REAL_DATA}")
     for item in items:

@@ -27,11 +27,6 @@ from xray.transforms import rescale
 
 
 @pytest.fixture(scope="module")
-def best_ckpt(trained_run: Path) -> Path:
-    return trained_run / "checkpoints" / "best_xray_model.ckpt"
-
-
-@pytest.fixture(scope="module")
 def ensemble_dir(best_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two members (the second with perturbed weights and a 1.3 temperature) and a manifest."""
     folder = tmp_path_factory.mktemp("ens")

@@ -101,11 +101,6 @@ def save_malicious_checkpoint(path: Path, marker: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def best_ckpt(trained_run: Path) -> Path:
-    return trained_run / "checkpoints" / "best_xray_model.ckpt"
-
-
-@pytest.fixture(scope="module")
 def log_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """logs/ with an older and a newer training run (same weights, distinct paths)."""
     root = tmp_path_factory.mktemp("logs")

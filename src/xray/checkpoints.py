@@ -256,7 +256,7 @@ def export_for_inference(src: str | os.PathLike, dst: str | os.PathLike, half: b
 
 
 # -------------------------------------------------------------------------------------------- ensembles
-def _check_temperature(value: Any, where: str) -> float:
+def _check_positive(value: Any, where: str, what: str) -> float:
     """A finite float > 0, else a CheckpointError saying where the bad value was stored."""
     if (
         isinstance(value, bool)
@@ -264,8 +264,12 @@ def _check_temperature(value: Any, where: str) -> float:
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise CheckpointError(f"{where}: stored temperature must be a finite number > 0, got {value!r}")
+        raise CheckpointError(f"{where}: {what} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def _check_temperature(value: Any, where: str) -> float:
+    return _check_positive(value, where, "stored temperature")
 
 
 def _check_threshold(value: Any, where: str) -> float:
@@ -374,14 +378,7 @@ def _manifest_ood_threshold(manifest: dict[str, Any], where: str) -> float:
     """``ood.threshold`` of a manifest (1.0 when absent): a finite number > 0."""
     ood = manifest.get("ood", {})
     value = ood.get("threshold", 1.0) if isinstance(ood, dict) else None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise CheckpointError(f"{where}: ood.threshold must be a finite number > 0, got {value!r}")
-    return float(value)
+    return _check_positive(value, where, "ood.threshold")
 
 
 def load_folder_ensemble(folder: str | os.PathLike) -> Predictor:

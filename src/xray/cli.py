@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
 """Exit code for bad configuration, data or checkpoints: a message, no traceback."""
@@ -31,6 +32,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
         NonFiniteLossError,
         PermissionError,
     )
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def hydra_entry(config_name: str, run: Callable[[Any], int]) -> None:
+    """``python -m xray.<tool> key=value ...``: Hydra on conf/<config_name>.yaml, user errors exit 2."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    def _run(cfg: Any) -> None:
+        with fail_cleanly(logging.getLogger("xray")):
+            code = run(cfg)
+        sys.exit(code)
+
+    _run()
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -268,22 +267,11 @@ def run_export(cfg: Any) -> int:
     return 0
 
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
 def main() -> None:
-    """Hydra entry point (conf/export.yaml); user errors exit 2 with one line."""
-    import hydra
+    """``python -m xray.export key=value ...`` (Hydra, conf/export.yaml); user errors exit 2 with one line."""
+    from xray.cli import hydra_entry
 
-    from xray.cli import fail_cleanly
-
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-    def _run(cfg: Any) -> None:
-        with fail_cleanly(logging.getLogger("xray")):
-            code = run_export(cfg)
-        sys.exit(code)
-
-    _run()
+    hydra_entry("export", run_export)
 
 
 if __name__ == "__main__":

@@ -586,25 +586,11 @@ def _evaluate(predictor: Any, records: list[Any], cfg: Any, device: Any) -> None
     print("\n".join(lines))
 
 
-CONFIG_DIR = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "conf")
-
-
 def main() -> None:
     """``python -m xray.ood key=value ...`` (Hydra, conf/ood.yaml); user errors exit 2 with one line."""
-    import logging
-    import sys
+    from xray.cli import hydra_entry
 
-    import hydra
-
-    from xray.cli import fail_cleanly
-
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="ood")
-    def _run(cfg: Any) -> None:
-        with fail_cleanly(logging.getLogger("xray")):
-            code = run_ood(cfg)
-        sys.exit(code)
-
-    _run()
+    hydra_entry("ood", run_ood)
 
 
 if __name__ == "__main__":
