@@ -14,6 +14,7 @@ from torchmetrics.functional.classification import binary_auroc
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import CheckpointError
 from xray.models import EfficientNetLite, build_net
+from xray.models.backbones import equalize_histogram
 from xray.models.efficientnet_lite import (
     PretrainedWeightsError,
     load_offline_weights,
@@ -112,6 +113,58 @@ def test_frozen_blocks_keep_weights_and_batchnorm_statistics() -> None:
     assert any(not torch.equal(v, net.features[8].state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="freeze_blocks"):
         EfficientNetLite("lite0", freeze_blocks=99)
+
+
+def test_equalisation_undoes_monotonic_exposure_changes() -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(3, 1, 40, 48) * 0.6 + 0.2).round(decimals=2)  # few levels, many ties
+    eq = equalize_histogram(x)
+    assert eq.shape == x.shape and eq.dtype == x.dtype and eq.min() > 0 and eq.max() < 1
+    # ranks are kept within an image, so a brighter pixel never maps lower
+    order = x[0].flatten().argsort()
+    assert (eq[0].flatten()[order].diff() >= 0).all()
+    for shifted in (x**1.5, 0.7 * x + 0.1, x + 0.05):  # gamma, contrast, brightness (no clipping)
+        assert torch.allclose(equalize_histogram(shifted), eq, atol=1 / 255)
+    assert not torch.allclose(x**1.5, x, atol=0.05)  # while the raw inputs differ
+    assert torch.equal(equalize_histogram(torch.full((1, 1, 8, 8), 0.3)), torch.full((1, 1, 8, 8), 0.5))
+    # each image on its own: a second image in the batch does not change the first one's output
+    assert torch.equal(equalize_histogram(x[:1]), eq[:1])
+
+
+def test_lite_with_equalisation_rebuilds_and_ignores_exposure() -> None:
+    torch.manual_seed(0)
+    net = EfficientNetLite("lite0", equalize=True, dropout=0.0)
+    rebuilt = build_net(net.config)
+    assert rebuilt.config["equalize"] is True
+    rebuilt.load_state_dict(net.state_dict())
+    plain = EfficientNetLite("lite0", dropout=0.0)
+    plain.load_state_dict(net.state_dict())
+    x = (torch.rand(4, 1, 64, 64) * 0.8 + 0.1).round(decimals=2)
+    with torch.no_grad():  # training-mode batch norm: a freshly initialised network's logits vary
+        out = net(x)
+        assert out.std() > 1e-3 and torch.equal(rebuilt(x), out)
+        assert torch.allclose(plain(equalize_histogram(x)), out)  # equalised, then the same network
+        assert torch.allclose(net(x**1.4), out, rtol=1e-3, atol=1e-5)
+        assert not torch.allclose(plain(x**1.4), plain(x), rtol=1e-2, atol=1e-3)
+    # older checkpoints carry no "equalize": they rebuild without it
+    old = dict(net.config)
+    del old["equalize"]
+    assert build_net(old).equalize is False
+
+
+def test_equalisation_exports_to_onnx(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+
+    class Eq(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return equalize_histogram(x)
+
+    x = torch.rand(2, 1, 32, 32)
+    path = tmp_path / "eq.onnx"
+    torch.onnx.export(Eq(), (x,), str(path), input_names=["x"], opset_version=17, dynamo=False)
+    got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), equalize_histogram(x), atol=1e-6)
 
 
 def test_appearance_augmentation_varies_exposure_and_keeps_range() -> None:

@@ -26,6 +26,22 @@ SUPPORTED_PREFIXES = (
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
 
 
+def equalize_histogram(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Per-image, per-channel histogram equalisation of [0, 1] input (mid-rank of each of ``bins`` levels).
+
+    Done inside the network, after any change of exposure or windowing an image went through, so that
+    a monotonic intensity change (gamma, contrast, brightness without clipping) leaves the input the
+    network sees almost unchanged. A constant image maps to 0.5. Exports to ONNX (ScatterElements).
+    """
+    b, c, h, w = x.shape
+    levels = (x.detach().float().clamp(0, 1) * (bins - 1)).round().long().reshape(b * c, h * w)
+    hist = torch.zeros(b * c, bins, device=x.device).scatter_add_(
+        1, levels, torch.ones(levels.shape, device=x.device)
+    )
+    lut = (hist.cumsum(1) - hist / 2) / (h * w)
+    return lut.gather(1, levels).reshape(b, c, h, w).to(x.dtype)
+
+
 def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
     for _name, child in root.named_modules():
         for child_name, grandchild in child.named_children():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from xray.models.backbones import GRAY_MEAN, GRAY_STD
+from xray.models.backbones import GRAY_MEAN, GRAY_STD, equalize_histogram
 
 # (expand ratio, kernel, stride, in, out, repeats) of EfficientNet-B0, shared by every Lite variant
 _B0_STAGES = (
@@ -117,6 +117,7 @@ class EfficientNetLite(nn.Module):
         dropout: float = 0.2,
         normalize: bool = True,
         freeze_blocks: int = 0,
+        equalize: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -129,6 +130,7 @@ class EfficientNetLite(nn.Module):
             "dropout": float(dropout),
             "normalize": bool(normalize),
             "freeze_blocks": int(freeze_blocks),
+            "equalize": bool(equalize),
         }
         width, depth, _ = VARIANTS[variant]
         layers: list[nn.Module] = [_conv(in_channels, 32, 3, 2)]
@@ -144,6 +146,7 @@ class EfficientNetLite(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(1280, 1)
         self.normalize = normalize
+        self.equalize = bool(equalize)
         if not 0 <= freeze_blocks <= len(self.features):
             raise ValueError(
                 f"model.net.freeze_blocks must be in [0, {len(self.features)}], got {freeze_blocks}"
@@ -162,6 +165,8 @@ class EfficientNetLite(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, 1280) pooled features."""
+        if self.equalize:
+            x = equalize_histogram(x)
         if self.normalize:
             x = (x - GRAY_MEAN) / GRAY_STD
         return self.pool(self.features(x)).flatten(1)
