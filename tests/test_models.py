@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from xray.models import SeedCNN, TorchvisionNet, build_net
+from xray.models.seed_cnn import MaxPool2x2
 from xray.module import XRayClassifier, flip_tta_logits
 
 
@@ -32,6 +33,29 @@ def test_seed_cnn_matches_keras_architecture_at_500px() -> None:
     fan = convs[0].in_channels * 9 + convs[0].out_channels * 9
     limit = (6 / fan) ** 0.5  # glorot uniform
     assert convs[0].weight.abs().max() <= limit
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_keeping_indices_matches_stock_pool_and_frees_its_input(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for side in (10, 9):  # odd sides drop the last row and column, as the stock pool does
+        x = torch.randn(2, 3, side, side).contiguous(memory_format=fmt).requires_grad_()
+        grad = torch.randn(2, 3, side // 2, side // 2).contiguous(memory_format=fmt)
+        ours = MaxPool2x2()(x)
+        (ours_grad,) = torch.autograd.grad(ours, x, grad)
+        stock = torch.nn.functional.max_pool2d(x, 2)
+        (stock_grad,) = torch.autograd.grad(stock, x, grad)
+        assert torch.equal(ours, stock) and torch.equal(ours_grad, stock_grad)
+    # what the backward pass holds: only the int64 indices (the output's size), not the 4x larger input
+    x = torch.randn(1, 1, 64, 64, requires_grad=True)
+    y = (x * 1.0).relu()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        MaxPool2x2()(y)
+    assert [tuple(t.shape) for t in saved] == [(1, 1, 32, 32)] and saved[0].dtype == torch.int64
+    with torch.no_grad():  # inference takes the stock operator
+        assert torch.equal(MaxPool2x2()(x), torch.nn.functional.max_pool2d(x, 2))
 
 
 def test_seed_cnn_rejects_too_small_images() -> None:

@@ -5,7 +5,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class _MaxPoolKeepingIndices(torch.autograd.Function):
+    """2x2 max-pool whose backward needs only the argmax indices: autograd's own max-pool keeps its whole
+    input alive for the backward pass (4x the output; 1.3 GB for the first block at 500 px, batch 40)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        out, indices = F.max_pool2d(x, 2, return_indices=True)
+        ctx.save_for_backward(indices)
+        ctx.input_size = x.shape[-2:]
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (indices,) = ctx.saved_tensors
+        # non-overlapping windows: each input receives at most one output's gradient, at its argmax
+        return F.max_unpool2d(grad, indices, 2, output_size=ctx.input_size)
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` with the same output and gradients, holding less memory while training."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return _MaxPoolKeepingIndices.apply(x)
+        return super().forward(x)  # inference, tracing and ONNX export: the stock operator
 
 
 def _side_after_blocks(image_size: int, n_blocks: int) -> int:
@@ -46,7 +77,7 @@ class SeedCNN(nn.Module):
         prev = in_channels
         for width in channels:
             # pool before ReLU: identical output (both are monotone), ReLU on 4x fewer values (~9% faster)
-            layers += [nn.Conv2d(prev, width, kernel_size=3), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(prev, width, kernel_size=3), MaxPool2x2(), nn.ReLU(inplace=True)]
             prev = width
         self.features = nn.Sequential(*layers)
         side = _side_after_blocks(image_size, len(channels))
