@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from xray.calibration import apply_temperature, fit_temperature, log_loss
@@ -182,6 +183,27 @@ def test_appearance_augmentation_varies_exposure_and_keeps_range() -> None:
     assert torch.equal(a, appearance_augment_batch(x, gamma=0.3, noise=0.03, generator=g))
     with pytest.raises(TypeError):
         appearance_augment_batch(x, hue=0.1)
+
+
+def test_appearance_sharpening_raises_local_contrast_and_keeps_the_old_stream() -> None:
+    torch.manual_seed(0)
+    x = F.avg_pool2d(torch.rand(32, 1, 34, 34), 3, stride=1) * 0.6 + 0.2  # smooth, away from the clamp
+    g = torch.Generator().manual_seed(3)
+    sharp = appearance_augment_batch(x, sharpen_p=1.0, generator=g)
+    detail = lambda t: (t - F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)).abs().mean()  # noqa: E731
+    assert sharp.shape == x.shape and sharp.min() >= 0 and sharp.max() <= 1
+    assert detail(sharp) > 1.3 * detail(x)
+    g = torch.Generator().manual_seed(3)
+    blurred = appearance_augment_batch(x, blur_p=1.0, generator=g)
+    assert detail(blurred) < detail(x)
+    # blur wins where both are drawn; sharpen_p=0 gives exactly the output it gave before it existed
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    mixed = appearance_augment_batch(x, blur_p=1.0, sharpen_p=1.0, generator=g1)
+    assert torch.equal(mixed, appearance_augment_batch(x, blur_p=1.0, generator=g2))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = appearance_augment_batch(x, gamma=0.3, blur_p=0.5, noise=0.03, generator=g1)
+    b = appearance_augment_batch(x, gamma=0.3, blur_p=0.5, noise=0.03, sharpen_p=0.0, generator=g2)
+    assert torch.equal(a, b)
 
 
 def test_temperature_scaling_lowers_log_loss_of_overconfident_scores() -> None:

@@ -569,6 +569,7 @@ def appearance_augment_batch(
     brightness: float = 0.0,
     blur_p: float = 0.0,
     noise: float = 0.0,
+    sharpen_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random per-image exposure and quality changes of ``(B, C, H, W)`` floats in [0, 1].
@@ -576,7 +577,9 @@ def appearance_augment_batch(
     Films from other machines differ in tone curve, contrast, exposure, sharpness and noise; the
     Keras recipe only varies geometry. Each image draws: gamma = exp(U(-gamma, gamma)); contrast factor
     1 + U(-contrast, contrast) about its own mean; brightness offset U(-brightness, brightness); with
-    probability ``blur_p`` a 3x3 Gaussian blur (sigma U(0.3, 1.2)); Gaussian noise with std
+    probability ``blur_p`` a 3x3 Gaussian blur (sigma U(0.3, 1.2)); otherwise, with probability
+    ``sharpen_p``, an unsharp mask with the same kernel (amount U(0.5, 1.5)), since films can also be
+    sharper than these (the originals of the 224 px training files are); Gaussian noise with std
     U(0, noise). Zero disables a term; the result is clamped to [0, 1].
     """
     b = images.shape[0]
@@ -594,7 +597,7 @@ def appearance_augment_batch(
         x = (x - mean) * (1 + uniform(-contrast, contrast)) + mean
     if brightness:
         x = x + uniform(-brightness, brightness)
-    if blur_p:
+    if blur_p or sharpen_p:
         sigma = uniform(0.3, 1.2)
         coords = torch.arange(-1, 2, **opts).view(1, 3)
         kernel1d = torch.exp(-(coords**2) / (2 * sigma.view(b, 1) ** 2))
@@ -607,7 +610,11 @@ def appearance_augment_batch(
             groups=b * c,
         ).reshape(x.shape)
         chosen = uniform(0.0, 1.0) < blur_p
-        x = torch.where(chosen, blurred, x)
+        sharpened = x
+        if sharpen_p:  # drawn after the blur's draws: sharpen_p=0 leaves the random stream as it was
+            amount = uniform(0.5, 1.5)
+            sharpened = torch.where(uniform(0.0, 1.0) < sharpen_p, x + amount * (x - blurred), x)
+        x = torch.where(chosen, blurred, sharpened)
     if noise:
         std = uniform(0.0, noise)
         gauss = torch.randn(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
