@@ -56,6 +56,14 @@ def test_pool_keeping_indices_matches_stock_pool_and_frees_its_input(channels_la
     assert [tuple(t.shape) for t in saved] == [(1, 1, 32, 32)] and saved[0].dtype == torch.int64
     with torch.no_grad():  # inference takes the stock operator
         assert torch.equal(MaxPool2x2()(x), torch.nn.functional.max_pool2d(x, 2))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # trainer.deterministic=true: the stock operator, which is
+    try:
+        out = MaxPool2x2()(y)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert out.grad_fn.name().startswith("MaxPool2DWithIndices") and grad.shape == x.shape
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def test_seed_cnn_rejects_too_small_images() -> None:

@@ -34,9 +34,14 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing():
+        if (
+            x.requires_grad
+            and torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.are_deterministic_algorithms_enabled()  # max_unpool2d is not marked deterministic
+        ):
             return _MaxPoolKeepingIndices.apply(x)
-        return super().forward(x)  # inference, tracing and ONNX export: the stock operator
+        return super().forward(x)  # inference, tracing, ONNX export, deterministic runs: the stock operator
 
 
 def _side_after_blocks(image_size: int, n_blocks: int) -> int:
