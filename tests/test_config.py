@@ -65,6 +65,8 @@ def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
         ("model.optimizer.lr=-1", "model.optimizer.lr"),
         ("evaluation.threshold_rule=magic", "evaluation.threshold_rule"),
         ("+data.appearance.hue=0.1", "data.appearance"),
+        ("+data.appearance.blur_p=1.5", "data.appearance"),
+        ("+data.appearance.sharpen_p=1.5", "data.appearance"),
         ("+data.colour=red", "data.colour"),
         ("+model.net.depth=3", "model.net.depth"),
     ],

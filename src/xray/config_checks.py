@@ -38,6 +38,7 @@ def _appearance_keys() -> frozenset[str]:
 
 
 APPEARANCE_KEYS = _appearance_keys()
+APPEARANCE_PROBABILITIES = frozenset(k for k in APPEARANCE_KEYS if k.endswith("_p"))  # blur_p, sharpen_p
 
 
 def _appearance_ok(v: Any) -> bool:
@@ -46,7 +47,9 @@ def _appearance_ok(v: Any) -> bool:
     if not isinstance(v, DictConfig):
         return False
     return (
-        set(v) <= APPEARANCE_KEYS and all(_is_num(v[k]) and v[k] >= 0 for k in v) and v.get("blur_p", 0) <= 1
+        set(v) <= APPEARANCE_KEYS
+        and all(_is_num(v[k]) and v[k] >= 0 for k in v)
+        and all(v[k] <= 1 for k in APPEARANCE_PROBABILITIES & set(v))
     )
 
 
@@ -70,7 +73,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.augment.fill_mode": (lambda v: v == "nearest", "'nearest' (edge replication; the only mode built)"),
     "data.appearance": (
         _appearance_ok,
-        f"null or a mapping of {', '.join(sorted(APPEARANCE_KEYS))} to numbers >= 0 (blur_p <= 1)",
+        f"null or a mapping of {', '.join(sorted(APPEARANCE_KEYS))} to numbers >= 0 "
+        f"({', '.join(sorted(APPEARANCE_PROBABILITIES))} <= 1)",
     ),
     "trainer.max_epochs": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),
     "model.optimizer.lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
