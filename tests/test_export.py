@@ -79,6 +79,8 @@ def test_onnx_matches_predict_single_model(best_ckpt: Path, session_dataset: Pat
     stored = load_checkpoint_file(best_ckpt)["xray"]
     assert meta["preprocessing"]["image_size"] == stored["preprocessing"]["image_size"]
     assert meta["preprocessing"]["rescale"] == pytest.approx(1 / 255)
+    encoding = meta["preprocessing"]["source_encoding"]
+    assert {k: encoding[k] for k in ("width", "height", "quality")} == stored["preprocessing"]["source_encoding"]
     assert meta["threshold"] == pytest.approx(stored["threshold"])
     assert meta["temperature"] == pytest.approx(stored["temperature"])
     assert meta["labels"] == {"0": CLASSES[0], "1": CLASSES[1]}
@@ -97,7 +99,7 @@ def test_torchscript_matches_pytorch(best_ckpt: Path, session_dataset: Path, tmp
     predictor = load_predictor(str(best_ckpt))
     path, _ = export_model(predictor, tmp_path / "m.pt", "torchscript")
     images = _images(session_dataset)[:6]
-    size, interpolation = predictor.preprocessing[0]
+    size, interpolation, _ = predictor.preprocessing[0]
     batch = torch.stack([torch.from_numpy(load_resized(p, size, interpolation)) for p in images]).unsqueeze(1)
     got = run_exported(path, rescale(batch), "torchscript")
     rows = predict_files(predictor, images, device="cpu")

@@ -67,6 +67,8 @@ def test_checkpoint_carries_what_prediction_needs(trained_run: Path) -> None:
     meta = ckpt["xray"]
     assert meta["classes"] == ["NORMAL", "PNEUMONIA"]
     assert meta["preprocessing"]["image_size"] == 48
+    # the synthetic training files are all 64 px JPEG quality 95: prediction gives inputs the same
+    assert meta["preprocessing"]["source_encoding"] == {"width": 64, "height": 64, "quality": 95}
     assert meta["threshold_rule"] == "youden"
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert meta["threshold"] == pytest.approx(metrics["threshold"])

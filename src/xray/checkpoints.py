@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from xray.data.encoding import SourceEncoding
 from xray.models import build_net
 from xray.ood import OOD_KEY, FeatureGaussian, OodError
 
@@ -124,6 +125,14 @@ class LoadedModel:
     @property
     def interpolation(self) -> str:
         return str(self.meta["preprocessing"].get("interpolation", "bilinear"))
+
+    @property
+    def source_encoding(self) -> SourceEncoding | None:
+        """The training files' shared size and JPEG quality (``xray.data.encoding``), given to inputs."""
+        try:
+            return SourceEncoding.from_meta(self.meta["preprocessing"].get("source_encoding"), str(self.path))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
 
     @property
     def tta(self) -> bool:
@@ -310,9 +319,9 @@ class Predictor:
         return None if any(s is None for s in stats) else stats  # type: ignore[return-value]
 
     @property
-    def preprocessing(self) -> list[tuple[int, str]]:
-        """The distinct (image size, interpolation) pairs, in member order: one decode per pair."""
-        return list(dict.fromkeys((m.image_size, m.interpolation) for m in self.members))
+    def preprocessing(self) -> list[tuple[int, str, SourceEncoding | None]]:
+        """The distinct (image size, interpolation, source encoding), in member order: one decode each."""
+        return list(dict.fromkeys((m.image_size, m.interpolation, m.source_encoding) for m in self.members))
 
 
 def is_ensemble_folder(folder: str | os.PathLike) -> bool:

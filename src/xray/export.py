@@ -97,7 +97,7 @@ def export_metadata(
     predictor: Predictor, module: ExportedPredictor, model_file: str, fmt: str, cfg: Any
 ) -> dict[str, Any]:
     """The JSON a deployment reads beside the model: how to prepare the input and read the outputs."""
-    size, interpolation = predictor.preprocessing[0]
+    size, interpolation, encoding = predictor.preprocessing[0]
     stats = predictor.ood_stats if module.with_ood else None
     warn = cfg.get("warn") or {}
     return {
@@ -109,6 +109,12 @@ def export_metadata(
         "input": {"name": "image", "dtype": "float32", "shape": ["N", 1, size, size], "range": [0.0, 1.0]},
         "outputs": list(OUTPUT_NAMES if module.with_ood else OUTPUT_NAMES[:2]),
         "preprocessing": {
+            "source_encoding": None
+            if encoding is None
+            else {
+                **encoding.to_meta(),
+                "step": "first: resize to width x height (bilinear, antialiased), JPEG at this quality, decode",
+            },
             "image_size": size,
             "interpolation": interpolation,
             "antialias": True,

@@ -39,6 +39,7 @@ from xray.calibration import apply_temperature
 from xray.checkpoints import LoadedModel, Predictor, load_predictor
 from xray.config_checks import ConfigError
 from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
+from xray.data.encoding import SourceEncoding, match_file_encoding
 from xray.data.io import ImageInfo, ImageReadError, read_image_info
 from xray.module import flip_tta_logits
 from xray.ood import combine_scores, logits_and_features
@@ -234,10 +235,17 @@ def class_from_path(path: str | os.PathLike[str]) -> int | None:
 class PredictDataset(Dataset):
     """Files through the eval preset; an unreadable file gives its reason instead of raising."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], image_size: int, interpolation: str) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        image_size: int,
+        interpolation: str,
+        source_encoding: SourceEncoding | None = None,
+    ) -> None:
         self.paths = [os.fspath(p) for p in paths]
         self.image_size = int(image_size)
         self.interpolation = interpolation
+        self.source_encoding = source_encoding
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -246,6 +254,8 @@ class PredictDataset(Dataset):
         """(uint8 (1,S,S), index, the file's ImageInfo) or (the reason it cannot be read, index, None)."""
         try:
             image, info = read_image_info(self.paths[index])
+            if self.source_encoding is not None:  # the size the file came with stays in `info`
+                image = match_file_encoding(self.paths[index], image, self.source_encoding)
             resized = resize_image(image, self.image_size, self.interpolation)  # = data.cache.load_resized
         except ImageReadError as err:
             return err.reason, index, None
@@ -300,15 +310,19 @@ def _loader(dataset: PredictDataset, batch_size: int, num_workers: int, device: 
     )
 
 
-def _preprocessing_groups(predictor: Predictor) -> list[tuple[tuple[int, str], list[int]]]:
-    """Member indices per distinct (image size, interpolation): each group's images are decoded once.
+def _preprocessing_groups(
+    predictor: Predictor, match_encoding: bool = True
+) -> list[tuple[tuple[int, str, SourceEncoding | None], list[int]]]:
+    """Member indices per distinct (image size, interpolation, source encoding): each group's images
+    are decoded once. ``match_encoding=False`` leaves inputs in their own encoding.
 
     The first member's group comes last, so that when its Grad-CAM overlays are drawn every other
     member's logits for those files are in and the titles can show the ensemble's probability.
     """
-    groups: dict[tuple[int, str], list[int]] = {}
+    groups: dict[tuple[int, str, SourceEncoding | None], list[int]] = {}
     for k, member in enumerate(predictor.members):
-        groups.setdefault((member.image_size, member.interpolation), []).append(k)
+        encoding = member.source_encoding if match_encoding else None
+        groups.setdefault((member.image_size, member.interpolation, encoding), []).append(k)
     items = list(groups.items())
     return items[1:] + items[:1]
 
@@ -334,6 +348,7 @@ def predict_files(
     gradcam_dir: str | os.PathLike[str] | None = None,
     ood: bool = True,
     limits: WarningLimits = WarningLimits(),
+    match_encoding: bool = True,
 ) -> list[PredictionRow]:
     """One row per path, in order: batched, through DataLoader workers, under ``inference_mode``.
 
@@ -343,6 +358,8 @@ def predict_files(
     Grad-CAM overlay PNG per readable image there, of the first member's plain network (also when
     TTA is on), titled with the (ensemble's) probability. ``ood``: also give each row its OOD score
     (``xray.ood``; only when every member has statistics) and the warnings of :func:`input_warnings`.
+    ``match_encoding``: give each input its member's training-file encoding first, when it has one
+    (``xray.data.encoding``); False only to measure what that step changes.
     """
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
@@ -360,10 +377,10 @@ def predict_files(
     infos: dict[int, ImageInfo] = {}
     heatmaps: dict[int, str] = {}
     cam = GradCam(nets[0], Path(gradcam_dir)) if gradcam_dir is not None else None
-    groups = _preprocessing_groups(predictor)
+    groups = _preprocessing_groups(predictor, match_encoding)
     with tqdm(total=len(paths) * len(groups), desc="Predicting", unit="img", disable=not progress) as bar:
-        for (size, interpolation), members in groups:
-            dataset = PredictDataset(paths, size, interpolation)
+        for (size, interpolation, encoding), members in groups:
+            dataset = PredictDataset(paths, size, interpolation, encoding)
             for images, index, failed, batch_infos in _loader(dataset, batch_size, num_workers, target):
                 for i, reason in failed:
                     errors.setdefault(i, reason)
@@ -610,9 +627,17 @@ def _ckpt_spec(value: Any) -> str | list[str]:
     return str(value)
 
 
-def _describe_preprocessing(predictor: Predictor) -> str:
-    """``image size 224px (bilinear)``; an ensemble lists each distinct preprocessing once."""
-    sizes = " + ".join(f"{size}px ({interpolation})" for size, interpolation in predictor.preprocessing)
+def _describe_preprocessing(predictor: Predictor, match_encoding: bool = True) -> str:
+    """``image size 160px (bilinear) from 224x224 JPEG q75``; an ensemble lists each distinct one once."""
+    sizes = " + ".join(
+        f"{size}px ({interpolation})"
+        + (
+            f" from {enc.width}x{enc.height} JPEG q{enc.quality}"
+            if enc is not None and match_encoding
+            else ""
+        )
+        for size, interpolation, enc in predictor.preprocessing
+    )
     return f"image size {sizes}"
 
 
@@ -652,8 +677,9 @@ def run_predict(cfg: Any) -> int:
     threshold = predictor.threshold if cfg.get("threshold") is None else float(cfg.threshold)
     source = predictor.threshold_source if cfg.get("threshold") is None else "threshold="
     calibration = "" if predictor.temperature == 1.0 else f"; temperature {predictor.temperature:.4f}"
+    match = bool(cfg.get("match_encoding", True))
     print(
-        f"input: {input_spec} ({len(paths)} files); {_describe_preprocessing(predictor)}; "
+        f"input: {input_spec} ({len(paths)} files); {_describe_preprocessing(predictor, match)}; "
         f"device {device}; threshold {threshold:.4f} (from {source}){calibration}"
     )
     use_ood = bool(cfg.get("ood", True))
@@ -680,6 +706,7 @@ def run_predict(cfg: Any) -> int:
         gradcam_dir=csv_path.parent / "gradcam" if cfg.get("gradcam") else None,
         ood=use_ood,
         limits=_warning_limits(cfg),
+        match_encoding=match,
     )
     write_csv(rows, csv_path)
     n_failed = sum(1 for r in rows if not r.ok)

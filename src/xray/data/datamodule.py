@@ -30,6 +30,7 @@ from torch.utils.data import (
 
 from xray.constants import CLASSES
 from xray.data.cache import DecodedCache, build_cache, load_resized
+from xray.data.encoding import SourceEncoding, detect_source_encoding
 from xray.data.io import probe_image
 from xray.data.prefetch import DevicePrefetcher, wants_pinned_memory
 from xray.data.records import Record, class_counts, patient_folds, scan_split, split_by_patient
@@ -152,6 +153,7 @@ class XRayDataModule(LightningDataModule):
         size: int = 224,
         pin_memory: bool | str = "auto",
         prefetch: bool | str = "auto",
+        record_encoding: bool = True,
     ) -> None:
         super().__init__()
         if image_size < 8:
@@ -200,6 +202,8 @@ class XRayDataModule(LightningDataModule):
             raise ValueError(f"data.prefetch must be true, false or 'auto', got {prefetch!r}")
         self.pin_memory = pin_memory
         self.prefetch = prefetch
+        self.record_encoding = bool(record_encoding)
+        self.source_encoding: SourceEncoding | None = None
         self.records: dict[str, list[Record]] = {}
         self.datasets: dict[str, XRayDataset] = {}
         self.bad_files: dict[str, str] = {}
@@ -208,13 +212,16 @@ class XRayDataModule(LightningDataModule):
     @property
     def preprocessing(self) -> dict[str, Any]:
         """Stored in every checkpoint so prediction uses exactly this preprocessing."""
-        return {
+        preprocessing = {
             "image_size": self.image_size,
             "interpolation": self.interpolation,
             "grayscale": True,
             "rescale": 1.0 / 255.0,
             "classes": list(CLASSES),
         }
+        if self.source_encoding is not None:
+            preprocessing["source_encoding"] = self.source_encoding.to_meta()
+        return preprocessing
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: class_counts(records) for split, records in self.records.items()}
@@ -253,6 +260,8 @@ class XRayDataModule(LightningDataModule):
         if self.train_limit_per_class:
             train = self._limit(train, int(self.train_limit_per_class))
         self.records = {"train": train, "val": val}
+        if self.record_encoding:  # the training files' own size and JPEG quality, when they share one
+            self.source_encoding = detect_source_encoding(r.path for r in train)
         sources = {"train": "train", "val": "val" if self.val_source == "official" else "train"}
         if "test" in folders:
             self.records["test"] = folders["test"]

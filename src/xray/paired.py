@@ -1,0 +1,123 @@
+"""Paired check: the same films in two encodings, scored as ``predict.py`` scores them.
+
+Selection signal for a shift the official test split really has. The shared training files are a
+mirror's 224 px JPEG re-encodes; the test files are the originals. ``chest_xray_fullres_sample``
+holds 80 training films in their original form whose re-encodes are in the training split, so every
+film can be scored both ways: the mean change of the calibrated logit (logit / temperature) from copy
+to original says how far the model's calls move on original files (negative: towards NORMAL), per
+class, with the decisions that flip at the stored threshold. It is reported with and without
+:func:`xray.data.encoding.match_encoding`, when the checkpoint records an encoding::
+
+    python -m xray.paired ckpt=pretrained \\
+        --originals ../shared/data/chest_xray_fullres_sample/train --copies ../shared/data/chest_xray/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from xray.checkpoints import CheckpointError, Predictor, load_predictor
+from xray.constants import CLASSES, IMAGE_EXTENSIONS
+from xray.inference import predict_files
+
+__all__ = ["PairedShift", "find_pairs", "paired_shift"]
+
+
+@dataclass(frozen=True)
+class PairedShift:
+    """Per class: how the calibrated logit moves from the copy to the original."""
+
+    label: str
+    n: int
+    mean: float
+    sd: float
+    flips: int
+
+
+def find_pairs(originals: Path, copies: Path) -> list[tuple[Path, Path, int]]:
+    """(original, copy, label) for every ``CLASS/name`` file present under both folders."""
+    pairs = []
+    for label, name in enumerate(CLASSES):
+        folder = originals / name
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            twin = copies / name / path.name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and twin.is_file():
+                pairs.append((path, twin, label))
+    if not pairs:
+        raise ValueError(
+            f"no file of {originals}/{{NORMAL,PNEUMONIA}} has a twin of the same name under {copies}"
+        )
+    return pairs
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-15), 1 - 1e-15)
+    return math.log(p) - math.log1p(-p)
+
+
+def paired_shift(
+    predictor: Predictor, pairs: Sequence[tuple[Path, Path, int]], match_encoding: bool = True
+) -> list[PairedShift]:
+    """The shift of each class present in ``pairs`` (sd needs two films of the class)."""
+    rows = predict_files(
+        predictor,
+        [p for pair in pairs for p in pair[:2]],
+        ood=False,
+        match_encoding=match_encoding,
+    )
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        raise ValueError(f"{failed[0].path}: {failed[0].error}")
+    out = []
+    for label, name in enumerate(CLASSES):
+        deltas, flips = [], 0
+        for k, pair in enumerate(pairs):
+            if pair[2] != label:
+                continue
+            original, copy = rows[2 * k], rows[2 * k + 1]
+            deltas.append(_logit(original.prob_pneumonia) - _logit(copy.prob_pneumonia))  # type: ignore[arg-type]
+            flips += original.label != copy.label
+        if deltas:
+            sd = statistics.stdev(deltas) if len(deltas) > 1 else math.nan
+            out.append(PairedShift(name, len(deltas), statistics.fmean(deltas), sd, flips))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xray.paired", description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", help="a checkpoint, an ensemble folder, best, last or pretrained")
+    parser.add_argument("--originals", type=Path, required=True, help="ROOT/{NORMAL,PNEUMONIA} of originals")
+    parser.add_argument(
+        "--copies", type=Path, required=True, help="the same names, as the model trained on them"
+    )
+    parser.add_argument("--log-dir", default="logs", help="where ckpt=best|last looks")
+    args = parser.parse_args(argv)
+    try:
+        predictor = load_predictor(args.ckpt, args.log_dir)
+        pairs = find_pairs(args.originals, args.copies)
+        encodings = {e for _, _, e in predictor.preprocessing}
+        modes = [True, False] if encodings != {None} else [False]
+        print(f"{predictor.source}: {len(pairs)} pairs; calibrated logit, original minus copy")
+        print("| inputs | " + " | ".join(CLASSES) + " |")
+        print("|---|" + "---:|" * len(CLASSES))
+        for match in modes:
+            cells = [
+                f"{s.mean:+.2f} ± {s.sd:.2f} ({s.flips}/{s.n} flip)"
+                for s in paired_shift(predictor, pairs, match)
+            ]
+            what = "with the training files' encoding" if match else "as read"
+            print(f"| {what} | " + " | ".join(cells) + " |")
+    except (ValueError, OSError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
