@@ -79,8 +79,8 @@ def test_onnx_matches_predict_single_model(best_ckpt: Path, session_dataset: Pat
     stored = load_checkpoint_file(best_ckpt)["xray"]
     assert meta["preprocessing"]["image_size"] == stored["preprocessing"]["image_size"]
     assert meta["preprocessing"]["rescale"] == pytest.approx(1 / 255)
-    encoding = meta["preprocessing"]["source_encoding"]
-    assert {k: encoding[k] for k in ("width", "height", "quality")} == stored["preprocessing"]["source_encoding"]
+    encoding, recorded = meta["preprocessing"]["source_encoding"], stored["preprocessing"]["source_encoding"]
+    assert {k: encoding[k] for k in ("width", "height", "quality")} == recorded
     assert meta["threshold"] == pytest.approx(stored["threshold"])
     assert meta["temperature"] == pytest.approx(stored["temperature"])
     assert meta["labels"] == {"0": CLASSES[0], "1": CLASSES[1]}
