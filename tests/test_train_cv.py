@@ -124,6 +124,10 @@ def test_cv_writes_the_fold_models_as_one_ensemble(
     assert manifest["members"] == ["fold0.ckpt", "fold1.ckpt"]
     assert manifest["threshold"] == pytest.approx(summary["threshold"])
     assert manifest["temperature"] == pytest.approx(summary["temperature"])
+    stats = load_model(out / "fold0.ckpt").ood  # train.py fitted OOD statistics: the manifest says so
+    assert stats is not None and manifest["ood"]["threshold"] == 1.0
+    assert manifest["ood"]["components"] == stats.components.shape[0]
+    assert load_predictor(str(out)).ood_threshold == 1.0
     files = sorted((session_dataset / "test").rglob("*.jpeg"))[:6]
     rows = predict_files(load_predictor(str(out)), files, device="cpu")
     members = [load_model(out / m) for m in manifest["members"]]

@@ -776,7 +776,8 @@ def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_
     """The fold models as one ensemble: slim float16 copies of each best checkpoint plus ``ensemble.json``
     holding the pooled out-of-fold temperature and threshold (what ``predict.py ckpt=DIR`` applies to
     the mean of the members' logits)."""
-    from xray.checkpoints import BEST_NAME, export_for_inference, write_ensemble_manifest
+    from xray.checkpoints import BEST_NAME, export_for_inference, load_model, write_ensemble_manifest
+    from xray.ood import manifest_section
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -787,6 +788,10 @@ def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_
             raise CVError(f"{source}: fold {run.fold}'s best checkpoint is missing")
         members.append(export_for_inference(source, out_dir / f"fold{run.fold}.ckpt", half=True).name)
     pooled = result["pooled"]["at_threshold"]
+    stats = [load_model(out_dir / name).ood for name in members]
+    ood = {}  # every member carries OOD statistics (train.py fits them): say how their scores combine
+    if all(s is not None for s in stats):
+        ood["ood"] = manifest_section(stats[0].acceptance, int(stats[0].components.shape[0]))  # type: ignore[union-attr]
     return write_ensemble_manifest(
         out_dir,
         members,
@@ -796,6 +801,7 @@ def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_
         description=f"{len(runs)} fold models of one {result['n_folds']}-fold patient-grouped cross-validation",
         out_of_fold={k: pooled[k] for k in ("auroc", "accuracy", "sensitivity", "specificity")},
         n_out_of_fold=result["n_images"],
+        **ood,
     )
 
 

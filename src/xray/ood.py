@@ -45,9 +45,23 @@ OOD_FORMAT = 1
 DEFAULT_ACCEPTANCE = 0.95
 DEFAULT_COMPONENTS = 128
 
+
+def manifest_section(
+    acceptance: float = DEFAULT_ACCEPTANCE, components: int = DEFAULT_COMPONENTS
+) -> dict[str, Any]:
+    """``ensemble.json``'s ``ood`` entry: how the members' scores combine (flagged above 1.0)."""
+    return {
+        "threshold": 1.0,
+        "score": "mean over members of (PPCA Mahalanobis distance / the member's threshold)",
+        "acceptance": float(acceptance),
+        "components": int(components),
+    }
+
+
 __all__ = [
     "DEFAULT_ACCEPTANCE",
     "DEFAULT_COMPONENTS",
+    "manifest_section",
     "OOD_FAMILIES",
     "OOD_KEY",
     "FeatureGaussian",
@@ -522,15 +536,7 @@ def run_ood(cfg: Any) -> int:
             if cfg.write:
                 update_checkpoint_meta(member.path, ood=stats.to_meta())
         if cfg.write and target.is_dir() and (target / MANIFEST_NAME).is_file():
-            update_ensemble_manifest(
-                target,
-                ood={
-                    "threshold": 1.0,
-                    "score": "mean over members of (PPCA Mahalanobis distance / the member's threshold)",
-                    "acceptance": float(cfg.acceptance),
-                    "components": int(cfg.components),
-                },
-            )
+            update_ensemble_manifest(target, ood=manifest_section(float(cfg.acceptance), int(cfg.components)))
         if cfg.write:
             print(f"OOD statistics written into {target}")
     if cfg.evaluate:
