@@ -118,7 +118,7 @@ def file_encoding(path: str | os.PathLike[str]) -> SourceEncoding | None:
         with Image.open(path) as image:  # the header only: no pixel is decoded
             quality = jpeg_quality(image)
             return None if quality is None else SourceEncoding(image.width, image.height, quality)
-    except OSError:
+    except Exception:  # a header probe: any file Pillow cannot open (DICOM, broken) has no such encoding
         return None
 
 
