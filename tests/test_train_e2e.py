@@ -82,3 +82,36 @@ def test_report_mentions_anchors_and_numbers(trained_run: Path) -> None:
     assert "92.8" in report and "0.968" in report and "62.5" in report
     assert f"{metrics['val']['at_threshold']['accuracy']:.3f}" in report
     assert "![" in report and "roc.png" in report
+
+
+def test_evaluate_only_reproduces_the_runs_evaluation(
+    trained_run: Path, session_dataset: Path, tmp_path: Path
+) -> None:
+    """evaluate_only=true re-runs the end-of-training evaluation on given weights (e.g. a GPU run whose
+    evaluation was cut short): same figures, written into the new run's own copy, source untouched."""
+    from tests.helpers import run_training
+
+    source = trained_run / "checkpoints" / "best_xray_model.ckpt"
+    before = source.read_bytes()
+    run_dir = tmp_path / "evaluated"
+    payload = run_training(
+        session_dataset, run_dir, ["trainer.max_epochs=2", "evaluate_only=true", f"ckpt_path={source}"]
+    )
+    original = json.loads((trained_run / "metrics.json").read_text())
+    assert payload["epochs_run"] == 0  # nothing trained
+    for key in ("threshold", "temperature"):
+        assert payload[key] == pytest.approx(original[key], abs=1e-6)
+    assert payload["val"]["at_threshold"]["auroc"] == pytest.approx(original["val"]["at_threshold"]["auroc"])
+    copy = run_dir / "checkpoints" / "best_xray_model.ckpt"
+    assert load_checkpoint_file(copy)["xray"]["threshold"] == pytest.approx(original["threshold"])
+    assert (run_dir / "val_predictions.csv").is_file()
+    assert source.read_bytes() == before
+
+
+def test_evaluate_only_needs_a_checkpoint(session_dataset: Path, tmp_path: Path) -> None:
+    from tests.helpers import run_training
+
+    with pytest.raises(ValueError, match="evaluate_only=true needs ckpt_path"):
+        run_training(session_dataset, tmp_path / "a", ["evaluate_only=true"])
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        run_training(session_dataset, tmp_path / "b", ["evaluate_only=true", f"ckpt_path={tmp_path}/x.ckpt"])

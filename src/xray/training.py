@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,25 @@ def check_writable(directory: str | os.PathLike) -> None:
         ) from None
 
 
+def adopt_checkpoint(ckpt_path: str | None, output_dir: Path) -> Path:
+    """``evaluate_only=true``: copy the weights to evaluate into this run's checkpoints folder.
+
+    The evaluation writes its threshold, temperature and OOD statistics into the copy, never into the
+    source, so a checkpoint trained elsewhere (or a run whose evaluation was cut short) is evaluated
+    here exactly as at the end of training.
+    """
+    if not ckpt_path:
+        raise ValueError("evaluate_only=true needs ckpt_path=CHECKPOINT (the weights to evaluate)")
+    source = Path(ckpt_path).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"ckpt_path={source}: no such checkpoint file")
+    load_checkpoint_file(source)  # the safe loader: refuse anything that is not plain tensors and data
+    target = output_dir / "checkpoints" / "best_xray_model.ckpt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
 def instantiate_list(section: DictConfig | None) -> list[Any]:
     """Instantiate each ``_target_`` entry of a config group (callbacks, loggers)."""
     if not section:
@@ -74,10 +94,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("trainer.precision=auto -> %s on this machine", cfg.trainer.precision)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
-    best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
+    if cfg.get("evaluate_only"):
+        best_path = adopt_checkpoint(cfg.get("ckpt_path"), output_dir)
+    else:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+        best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
     if best_path is not None and best_path.exists():
         state = load_checkpoint_file(best_path)  # the safe loader, also for our own files
         model.load_state_dict(state["state_dict"])
