@@ -20,6 +20,7 @@ from xray.data.encoding import SourceEncoding, detect_source_encoding, jpeg_qual
 from xray.data.io import read_image
 from xray.inference import predict_files
 from xray.paired import find_pairs, paired_shift
+from xray.paired import main as paired_main
 
 
 def _logit(p: float | None) -> float:
@@ -170,6 +171,8 @@ def test_paired_shift_is_zero_for_identical_pairs_and_signed_otherwise(tmp_path:
         Image.fromarray(np.clip(pixels + 60, 0, 255).astype(np.uint8)).save(path, quality=90)
     moved = paired_shift(model, pairs)
     assert all(abs(s.mean) > 1e-3 for s in moved)
+    for form in (str(ckpt), f"ckpt={ckpt}"):  # the command, as predict.py spells its checkpoint too
+        assert paired_main([form, "--originals", str(originals), "--copies", str(copies)]) == 0
     with pytest.raises(ValueError, match="has a twin"):
         find_pairs(tmp_path / "orig", tmp_path / "nothing")
 

@@ -91,7 +91,9 @@ def paired_shift(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xray.paired", description=__doc__.split("\n\n")[0])
-    parser.add_argument("ckpt", help="a checkpoint, an ensemble folder, best, last or pretrained")
+    parser.add_argument(
+        "ckpt", help="a checkpoint, an ensemble folder, best, last or pretrained (bare, or as ckpt=...)"
+    )
     parser.add_argument("--originals", type=Path, required=True, help="ROOT/{NORMAL,PNEUMONIA} of originals")
     parser.add_argument(
         "--copies", type=Path, required=True, help="the same names, as the model trained on them"
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", default="logs", help="where ckpt=best|last looks")
     args = parser.parse_args(argv)
     try:
-        predictor = load_predictor(args.ckpt, args.log_dir)
+        predictor = load_predictor(args.ckpt.removeprefix("ckpt="), args.log_dir)
         pairs = find_pairs(args.originals, args.copies)
         encodings = {e for _, _, e in predictor.preprocessing}
         modes = [True, False] if encodings != {None} else [False]
