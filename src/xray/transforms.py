@@ -273,18 +273,19 @@ def apply_affine(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     x = images.as_subclass(torch.Tensor).to(compute_dtype)
 
     # Fold "input pixel -> [-1, 1]" into M (in float64 where available), then apply it to the exact
-    # integer pixel coordinates of the output grid. The grid is affine in x and y, so it is built as a
-    # broadcast sum (B, 1, W, 2) + (B, H, 1, 2): a (B*H*W, 3) x (3, 2) product is a shape no BLAS is
-    # fast at (it took 43% of a 500 px CPU batch, more than the sampling itself).
+    # integer pixel coordinates of the output grid. The grid is affine in x and y, so it is built as
+    # (B, 2, H, W) planes, offset + y-term broadcast along W, then handed over as a (B, H, W, 2) view:
+    # the (B*H*W, 3) x (3, 2) product it replaces is a shape no BLAS is fast at (43% of a 500 px CPU
+    # batch, more than the sampling itself; benchmarks/README.md).
     m = matrices.to(device=images.device, dtype=_matrix_dtype(images.device), non_blocking=True)
     sx, ox = _pixel_to_normalized(w)
     sy, oy = _pixel_to_normalized(h)
     norm = _host_matrix([[sx, 0.0, ox], [0.0, sy, oy], [0.0, 0.0, 1.0]], m.dtype, m.device)
     to_grid = (norm @ m)[:, :2, :].to(compute_dtype)  # (B, 2, 3): output pixel (x, y, 1) -> input (u, v)
-    ys = torch.arange(h, dtype=compute_dtype, device=images.device).view(1, h, 1, 1)
-    xs = torch.arange(w, dtype=compute_dtype, device=images.device).view(1, 1, w, 1)
-    cols = [to_grid[:, :, i].reshape(b, 1, 1, 2) for i in range(3)]  # (u, v) per unit x, per unit y, offset
-    grid = xs * cols[0] + (ys * cols[1] + cols[2])
+    ys = torch.arange(h, dtype=compute_dtype, device=images.device).view(1, 1, h, 1)
+    xs = torch.arange(w, dtype=compute_dtype, device=images.device).view(1, 1, 1, w)
+    per_x, per_y, offset = (to_grid[:, :, i, None, None] for i in range(3))  # (B, 2, 1, 1) each
+    grid = torch.addcmul(offset + per_y * ys, per_x, xs).permute(0, 2, 3, 1)
 
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
     return out.to(out_dtype)
