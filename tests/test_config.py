@@ -13,7 +13,17 @@ from xray.config_checks import ConfigError, validate_config
 
 
 @pytest.mark.parametrize(
-    "experiment", ["seed", "smoke", "cpu_fast", "cpu_transfer", "cpu_transfer_cv", "best"]
+    "experiment",
+    [
+        "seed",
+        "smoke",
+        "cpu_fast",
+        "cpu_transfer",
+        "cpu_transfer_cv",
+        "gpu_transfer",
+        "gpu_transfer_cv",
+        "best",
+    ],
 )
 def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> None:
     cfg = compose_config(tmp_path / "data", tmp_path / "run", [f"experiment={experiment}"], tiny=False)
@@ -25,7 +35,14 @@ def test_experiments_compose_and_validate(tmp_path: Path, experiment: str) -> No
     if experiment.startswith("cpu_transfer"):
         assert cfg.model.net._target_ == "xray.models.EfficientNetLite" and cfg.model.net.pretrained
         assert cfg.evaluation.shifts and cfg.evaluation.threshold_rule == "shift_youden"
-    if experiment == "cpu_transfer_cv":
+    if experiment.startswith(("cpu_transfer", "gpu_transfer")):
+        assert cfg.model.label_smoothing == 0.1
+    if experiment.startswith("gpu_transfer"):  # the shipped recipe: 224 px, whole network, on a GPU
+        assert cfg.model.net._target_ == "xray.models.EfficientNetLite" and cfg.model.net.pretrained
+        assert cfg.data.image_size == 224 and cfg.model.net.freeze_blocks == 0
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "auto"
+        assert cfg.evaluation.threshold_rule == "shift_youden"
+    if experiment.endswith("_cv"):
         assert cfg.data.n_folds == 5
 
 

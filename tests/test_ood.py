@@ -229,23 +229,20 @@ def test_predict_flags_non_films_and_passes_films(trained_run: Path, tmp_path: P
 # ------------------------------------------------------------------------------------- the shipped model
 @pytest.mark.realdata
 def test_shipped_ensemble_has_ood_stats_and_separates_on_real_films() -> None:
-    """Fold 0's member on films of its own validation fold that its threshold did not see."""
+    """Fold 0's member on 40 films of its own validation fold (never trained on; its OOD threshold is
+    the 95% point over that fold's films) against synthetic families that are not chest films."""
     from xray.data.cache import load_resized
     from xray.data.records import patient_folds, scan_split
 
-    folder = PROJECT_ROOT / "models" / "xray_cpu_transfer"
+    folder = PROJECT_ROOT / "models" / "xray_gpu_transfer"
     model = load_model(folder / "fold0.ckpt")
     stats = model.ood
     assert stats is not None and stats.acceptance == 0.95 and stats.components.shape[0] == 128
     records = scan_split(REAL_DATA, "train")
     val = [r for r, f in zip(records, patient_folds(records, 5, 42), strict=True) if f == 0]
-    threshold_films = set(
-        stratified_subsample([r.label for r in val], 400, seed=0)
-    )  # conf/ood.yaml's n_val, seed
-    val = [r for i, r in enumerate(val) if i not in threshold_films]
     picks = stratified_subsample([r.label for r in val], 40, seed=123)
     films = torch.stack(
-        [torch.from_numpy(load_resized(val[i].path, 160, "bilinear")) for i in picks]
+        [torch.from_numpy(load_resized(val[i].path, model.image_size, "bilinear")) for i in picks]
     ).unsqueeze(1)
     inside = stats.score(extract_features(model.net, films)[1])
     families = ood_families(films, 8, seed=0)

@@ -32,7 +32,7 @@ from xray.ood import OOD_KEY, FeatureGaussian, OodError
 
 BEST_NAME = "best_xray_model.ckpt"
 LAST_NAME = "last.ckpt"
-PRETRAINED_PATH = Path(__file__).resolve().parents[2] / "models" / "xray_cpu_transfer"
+PRETRAINED_PATH = Path(__file__).resolve().parents[2] / "models" / "xray_gpu_transfer"
 CHECKPOINT_KEY = "xray"
 MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 1
