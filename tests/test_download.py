@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import re
 import socket
 import threading
@@ -563,6 +564,30 @@ def test_cli_404_exits_1_without_traceback(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "HTTP 404" in err and url in err and f"--root {root}" in err
+
+
+def test_training_entry_reports_a_download_error_once(
+    closed_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """train.py's fail_cleanly: the ``error:`` line on stderr and a copy in the log file, not on the console log."""
+    from xray.cli import fail_cleanly
+
+    console_text = io.StringIO()
+    handlers = [logging.StreamHandler(console_text), logging.FileHandler(tmp_path / "train.log")]
+    root_logger = logging.getLogger()
+    for handler in handlers:
+        root_logger.addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info, fail_cleanly(logging.getLogger("xray")):
+            download_dataset(tmp_path / "chest_xray", url=f"http://127.0.0.1:{closed_port}/x.zip", **FAST)
+    finally:
+        for handler in handlers:
+            root_logger.removeHandler(handler)
+            handler.close()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("Could not connect") == 1
+    assert "Could not connect" not in console_text.getvalue()
+    assert "Could not connect" in (tmp_path / "train.log").read_text()
 
 
 def test_cli_success_and_already_present(
