@@ -52,14 +52,22 @@ def hydra_entry(config_name: str, run: Callable[[Any], int]) -> None:
 
 @contextlib.contextmanager
 def fail_cleanly(log: logging.Logger) -> Iterator[None]:
-    """Turn a user error into ``error: <message>`` on stderr and exit code 2."""
+    """Turn a user error into ``error: <message>`` on stderr and exit code 2 (and into the log file)."""
     errors = user_errors()
     try:
         yield
     except errors as err:
-        log.error("%s", err)
+        _log_to_files(log, err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
+
+def _log_to_files(log: logging.Logger, err: BaseException) -> None:
+    """The error into the run's log file only: on the console it would repeat the ``error:`` line."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def expand_resume(argv: list[str]) -> list[str]:

@@ -12,37 +12,35 @@ Whatever the source, the result is the layout the rest of the product scans::
 
     ROOT/train/{NORMAL,PNEUMONIA}/*   ROOT/test/{NORMAL,PNEUMONIA}/*   (ROOT/val/... when the source has one)
 
-Downloads stream to ``<file>.part`` (resumed with an HTTP ``Range`` request after an interruption),
-are checked (size, and md5/sha256 or zip CRCs) and only then renamed into place. Unpacking goes to a
-temporary sibling of ROOT that is renamed onto ROOT only once complete, so ROOT never looks complete
-unless it is. Every failure raises :class:`DownloadError` (or :class:`DatasetNotFoundError`) with a
-message that says what failed and how to place the data by hand.
-
-Only the standard library (``urllib``, ``zipfile``) plus ``tqdm``, ``numpy`` and ``Pillow``.
+Downloads go through pooch (on requests) into ``<file>.part``, resumed with an HTTP ``Range``
+request after an interruption; pooch checks the md5/sha256 and only then moves the file into place
+(the Kermany archive has no published digest: its zip CRCs are checked while unpacking). Unpacking
+goes to a temporary sibling of ROOT that is renamed onto ROOT only once complete, so ROOT never
+looks complete unless it is. Every failure raises :class:`DownloadError` (or
+:class:`DatasetNotFoundError`) with a message that says what failed and how to place the data by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
-import http.client
+import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, BinaryIO
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from xray.constants import CLASSES
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = [
     "DEFAULT_CACHE_DIRNAME",
@@ -69,7 +67,6 @@ DEFAULT_CACHE_DIRNAME = ".downloads"
 """Downloads (and their ``.part`` files) are kept in ``ROOT.parent / DEFAULT_CACHE_DIRNAME``."""
 
 _CHUNK = 1 << 20
-_USER_AGENT = "xray-download/0.1 (+python urllib)"
 _JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
@@ -140,8 +137,8 @@ class Source:
     """Where one dataset comes from and how to check it.
 
     ``url`` and ``filename`` may contain ``{size}``; ``md5``/``sha256`` map an image size to a digest
-    (key ``None`` when the file does not depend on the size). A missing digest means: verify the size
-    announced by the server and, for zip archives, the CRC of every member.
+    (key ``None`` when the file does not depend on the size). A missing digest means: the transfer is
+    checked against the server's Content-Length and, for zip archives, every member's CRC on unpacking.
     """
 
     name: str
@@ -242,12 +239,8 @@ def get_source(name: str) -> Source:
 # --------------------------------------------------------------------------------------------- download
 
 
-class _Restart(Exception):
-    """Internal: the .part file cannot be resumed; start again from byte zero."""
-
-
 class _Interrupted(Exception):
-    """Internal: the transfer stopped early but what arrived is kept in the .part file."""
+    """The transfer stopped part-way; what arrived is kept in the .part file for the next try."""
 
 
 def _write_chunk(fh: BinaryIO, chunk: bytes) -> None:
@@ -255,309 +248,141 @@ def _write_chunk(fh: BinaryIO, chunk: bytes) -> None:
     fh.write(chunk)
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "unknown size"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} bytes" if unit == "B" else f"{value:.1f} {unit} ({n} bytes)"
-        value /= 1024
-    raise AssertionError("unreachable")
+class _ResumingDownloader:
+    """A pooch downloader that keeps an interrupted transfer in ``part`` and asks only for the rest.
+
+    The Kermany archive is 1.2 GB, so a cut connection should not start it over. ``Range: bytes=N-``
+    is answered with 206 (appended), 200 (a server that ignores Range: start over) or 416 (nothing
+    left: the .part is complete). pooch then checks the hash, and unpacking checks the zip CRCs.
+    """
+
+    def __init__(self, part: Path, *, progress: bool, timeout: float) -> None:
+        self.part, self.progress, self.timeout = part, progress, timeout
+
+    def __call__(self, url: str, output_file: str, pooch: object) -> None:
+        import requests
+        import urllib3
+        from tqdm.auto import tqdm
+
+        offset = self.part.stat().st_size if self.part.exists() else 0
+        headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={offset}-"} if offset else {})
+        with requests.get(url, headers=headers, stream=True, timeout=self.timeout) as response:
+            if response.status_code != 416 or not offset:
+                response.raise_for_status()
+                offset = offset if response.status_code == 206 else 0
+                length_header = response.headers.get("Content-Length", "")
+                length = int(length_header) if length_header.isdigit() else None
+                bar = tqdm(
+                    total=length and offset + length,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=self.part.stem,
+                    disable=not self.progress,
+                    leave=False,
+                )
+                with open(self.part, "ab" if offset else "wb") as fh, bar:
+                    try:  # raw: requests' iter_content drops the last partial chunk of a cut transfer
+                        for chunk in response.raw.stream(_CHUNK, decode_content=False):
+                            _write_chunk(fh, chunk)
+                            bar.update(len(chunk))
+                    except urllib3.exceptions.HTTPError as exc:  # cut short, read timeout
+                        raise _Interrupted(f"{type(exc).__name__} after {fh.tell()} bytes") from exc
+        os.replace(self.part, output_file)
 
 
-def _disk_error(exc: OSError, path: Path, url: str | None = None, need: int | None = None) -> DownloadError:
-    where = path.parent
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        try:
-            free = shutil.disk_usage(where).free
-        except OSError:
-            free = None
-        need_txt = f"; about {_fmt_bytes(need)} still needed" if need else ""
-        return DownloadError(
-            f"Not enough disk space writing {path} (no space left on device; free: {_fmt_bytes(free)}"
-            f"{need_txt}).\nFree some space (or choose another --root / --cache-dir) and run again"
-            + ("; the partial download is kept and will resume." if url else ".")
-        )
-    src = f" from {url}" if url else ""
-    return DownloadError(f"Could not write {path}{src}: {exc.strerror or exc}")
+def _disk_error(exc: OSError, path: Path) -> DownloadError:
+    """Disk full gets its own message (with the free space); any other OS error names the file."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return DownloadError(f"Could not write {path}: {exc.strerror or exc}")
+    from tqdm import tqdm
 
-
-def _digests(path: Path, md5: bool, sha256: bool) -> tuple[str | None, str | None]:
-    h_md5 = hashlib.md5(usedforsecurity=False) if md5 else None
-    h_sha = hashlib.sha256() if sha256 else None
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            if h_md5 is not None:
-                h_md5.update(chunk)
-            if h_sha is not None:
-                h_sha.update(chunk)
-    return (h_md5.hexdigest() if h_md5 else None, h_sha.hexdigest() if h_sha else None)
-
-
-def _verify_file(
-    path: Path,
-    url: str,
-    *,
-    expected_size: int | None,
-    md5: str | None,
-    sha256: str | None,
-    verify: Callable[[Path], None] | None,
-) -> None:
-    """Check a finished download; on any mismatch delete the file and raise DownloadError."""
     try:
-        got_size = path.stat().st_size
-        if expected_size is not None and got_size != expected_size:
-            raise DownloadError(
-                f"Download of {url} has the wrong size: expected {expected_size} bytes, got {got_size}."
-            )
-        got_md5, got_sha = _digests(path, md5 is not None, sha256 is not None)
-        if md5 is not None and got_md5 != md5.lower():
-            raise DownloadError(
-                f"Checksum mismatch for {url}: expected md5 {md5.lower()}, got {got_md5}.\n"
-                "The file was deleted; run again to download it afresh."
-            )
-        if sha256 is not None and got_sha != sha256.lower():
-            raise DownloadError(
-                f"Checksum mismatch for {url}: expected sha256 {sha256.lower()}, got {got_sha}.\n"
-                "The file was deleted; run again to download it afresh."
-            )
-        if verify is not None:
-            verify(path)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-
-
-def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
-    """``bytes START-END/TOTAL`` or ``bytes */TOTAL`` -> (start, total); None where absent."""
-    if not value:
-        return None, None
-    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value)
-    if not m:
-        return None, None
-    start = int(m.group(1)) if m.group(1) is not None else None
-    total = int(m.group(2)) if m.group(2) != "*" else None
-    return start, total
-
-
-def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
-    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
-    if offset > 0:
-        headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
-    return urllib.request.urlopen(request, timeout=timeout)  # http(s) only: checked by download_file
-
-
-def _http_error(exc: urllib.error.HTTPError, url: str) -> DownloadError:
-    hint = ""
-    if exc.code == 404:
-        hint = "\nThe file is not (or no longer) at that address."
-    elif exc.code in (401, 403):
-        hint = "\nThe server refused access (it may require a login or a browser); download it by hand."
-    elif exc.code == 429 or exc.code >= 500:
-        hint = "\nThe server is busy or failing; try again later (a partial download is kept and resumes)."
-    return DownloadError(f"Download failed: HTTP {exc.code} {exc.reason} for {url}.{hint}")
-
-
-def _network_error(exc: BaseException, url: str, timeout: float) -> DownloadError:
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    if isinstance(reason, TimeoutError):
-        what = f"timed out after {timeout:g} s"
-    else:
-        what = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
+        free = tqdm.format_sizeof(shutil.disk_usage(path.parent).free, "B", 1024)
+    except OSError:
+        free = "unknown"
     return DownloadError(
-        f"Could not connect to download {url} ({what}).\n"
-        "Check the network connection (and any proxy settings), or fetch the file by hand."
+        f"Not enough disk space writing {path} (no space left on device; free: {free}).\n"
+        "Free some space (or choose another --root / --cache-dir) and run again."
     )
 
 
-def _transfer(
-    url: str,
-    part: Path,
-    *,
-    expected_size: int | None,
-    progress: bool,
-    timeout: float,
-    desc: str,
-) -> int | None:
-    """One HTTP request that appends to (or restarts) ``part``; returns the total size, when known.
+def _http_error(response: requests.Response, url: str) -> DownloadError:
+    code = response.status_code
+    hint = ""
+    if code == 404:
+        hint = "\nThe file is not (or no longer) at that address."
+    elif code in (401, 403):
+        hint = "\nThe server refused access (it may require a login or a browser); download it by hand."
+    elif code == 429 or code >= 500:
+        hint = "\nThe server is busy or failing; try again later (a partial download is kept and resumes)."
+    return DownloadError(f"Download failed: HTTP {code} {response.reason} for {url}.{hint}")
 
-    Raises _Restart when the .part must be thrown away, _Interrupted when the transfer stopped
-    early (bytes kept), DownloadError for anything the caller cannot fix by retrying.
-    """
-    from tqdm.auto import tqdm
 
-    offset = part.stat().st_size if part.exists() else 0
-    if expected_size is not None and offset > expected_size:
-        raise _Restart
-    try:
-        response = _open(url, offset, timeout)
-    except urllib.error.HTTPError as exc:
-        exc.close()  # the error carries the open response
-        if exc.code == 416 and offset > 0:
-            # Nothing left to send: the .part holds the whole file (verified by the caller), unless
-            # the server says the file is of another size.
-            _, total = _parse_content_range(exc.headers.get("Content-Range") if exc.headers else None)
-            if total is not None and total != offset:
-                raise _Restart from None
-            return offset
-        raise _http_error(exc, url) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        raise _network_error(exc, url, timeout) from None
+def _download_error(
+    exc: _Interrupted | ValueError | OSError, url: str, part: Path, timeout: float
+) -> DownloadError:
+    """What requests, pooch or the disk raised, as a DownloadError that says which URL and what failed."""
+    import requests
 
-    with response:
-        status = response.status
-        length_header = response.headers.get("Content-Length")
-        length = int(length_header) if length_header and length_header.isdigit() else None
-        if status == 206 and offset > 0:
-            start, total = _parse_content_range(response.headers.get("Content-Range"))
-            if start is not None and start != offset:
-                raise _Restart
-            if total is None and length is not None:
-                total = offset + length
-            mode = "ab"
-        elif status == 200:
-            offset, total, mode = 0, length, "wb"  # a fresh start (also: a server that ignores Range)
-        else:
-            raise DownloadError(f"Download failed: unexpected HTTP {status} {response.reason} for {url}.")
-
-        if expected_size is not None and total is not None and total != expected_size:
-            raise DownloadError(
-                f"Download of {url}: the server announces {total} bytes, expected {expected_size}."
-            )
-        total = total if total is not None else expected_size
-        received = offset
-        try:
-            fh = open(part, mode)  # noqa: SIM115 (closed in finally; OSError there must be classified)
-        except OSError as exc:
-            raise _disk_error(exc, part, url, total) from None
-        bar = tqdm(
-            total=total,
-            initial=offset,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=desc,
-            disable=not progress,
-            leave=False,
+    if isinstance(exc, _Interrupted):
+        return DownloadError(
+            f"Download of {url} was interrupted ({exc}).\n"
+            f"The partial file {part} is kept: run the same command again to resume."
         )
-        finished = False
-        try:
-            while True:
-                try:
-                    chunk = response.read(_CHUNK)
-                except http.client.IncompleteRead as exc:
-                    if exc.partial:
-                        _write_chunk(fh, exc.partial)
-                        received += len(exc.partial)
-                    raise _Interrupted(f"connection closed after {received} of {total} bytes") from None
-                except (TimeoutError, OSError, http.client.HTTPException) as exc:
-                    raise _Interrupted(f"{type(exc).__name__}: {exc} after {received} bytes") from None
-                if not chunk:
-                    break
-                _write_chunk(fh, chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-            fh.flush()
-            finished = True
-        except OSError as exc:  # writing (reading errors are handled above)
-            raise _disk_error(exc, part, url, None if total is None else total - received) from None
-        finally:
-            bar.close()
-            try:
-                fh.close()
-            except OSError as exc:  # a failing flush of buffered bytes (disk full)
-                if finished:
-                    raise _disk_error(exc, part, url) from None
-        if total is not None and received < total:
-            raise _Interrupted(f"connection closed after {received} of {total} bytes")
-        return total
+    if isinstance(exc, requests.HTTPError):
+        return _http_error(exc.response, url)
+    if isinstance(exc, requests.RequestException):
+        reason = getattr(exc.args[0], "reason", exc.args[0]) if exc.args else exc  # urllib3's cause
+        what = f"timed out after {timeout:g} s" if isinstance(exc, requests.Timeout) else str(reason)
+        return DownloadError(
+            f"Could not connect to download {url} ({what}).\n"
+            "Check the network connection (and any proxy settings), or fetch the file by hand."
+        )
+    if isinstance(exc, ValueError):  # pooch: the hash does not match (it deleted the file)
+        return DownloadError(f"Checksum mismatch for {url}: {exc}\nRun again to download it afresh.")
+    return _disk_error(exc, Path(exc.filename or part))
 
 
 def download_file(
     url: str,
     dest: str | Path,
     *,
-    expected_size: int | None = None,
-    md5: str | None = None,
-    sha256: str | None = None,
+    known_hash: str | None = None,
     progress: bool = True,
     timeout: float = 60,
     retries: int = 3,
     retry_wait: float = 2.0,
-    verify: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming that file when it exists.
+    """Download ``url`` to ``dest`` with pooch; only a complete file that matches ``known_hash`` lands there.
 
-    * Resumes with ``Range: bytes=N-``: a 206 answer is appended, a 200 answer (server ignoring Range)
-      restarts from zero, a 416 answer means the .part is already complete (then verified).
-    * Checks the size (``expected_size``, else the server's Content-Length), then ``md5``/``sha256``
-      when given, then ``verify(path)`` (e.g. zip CRCs). A mismatch deletes the .part and raises.
-    * Only a verified file is moved to ``dest`` (``os.replace``, atomic). An existing ``dest`` that
-      passes the same checks is returned without any network access.
-    * A transfer cut short is resumed up to ``retries`` times within this call; if it still fails the
-      .part is kept so that the next call resumes.
-
-    Every failure raises :class:`DownloadError` (network, HTTP status, size/checksum, disk full).
+    ``known_hash`` is pooch's ``"md5:..."`` / ``"sha256:..."``. An existing ``dest`` that matches it
+    (or any existing ``dest`` when there is no hash) is returned without network access. A transfer
+    cut short is retried ``retries`` times; the bytes that arrived stay in ``dest.part`` and the
+    next try (or the next run) asks only for the rest. Every failure raises :class:`DownloadError`
+    (network, HTTP status, checksum, disk full).
     """
+    import pooch
+
     dest = Path(dest)
     if not url.lower().startswith(("http://", "https://")):
         raise DownloadError(f"Refusing to download {url!r}: only http(s) URLs are supported.")
-    part = dest.with_suffix(dest.suffix + ".part")
-    check = {"expected_size": expected_size, "md5": md5, "sha256": sha256, "verify": verify}
-
-    if dest.is_file():
-        try:
-            _verify_file(dest, url, **check)
-            return dest
-        except DownloadError:
-            pass  # _verify_file deleted it: download again
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _disk_error(exc, dest, url) from None
-
-    restarted = False
+    part = dest.with_name(dest.name + ".part")
+    store = pooch.create(
+        path=dest.parent, base_url="", registry={dest.name: known_hash}, urls={dest.name: url}
+    )
+    downloader = _ResumingDownloader(part, progress=progress, timeout=timeout)
+    pooch.get_logger().setLevel(logging.WARNING)  # our own messages say what is downloaded where
     attempt = 0
     while True:
         try:
-            total = _transfer(
-                url, part, expected_size=expected_size, progress=progress, timeout=timeout, desc=dest.name
-            )
-        except _Restart:
-            if restarted:
-                raise DownloadError(
-                    f"Download of {url} could not be resumed (the server keeps sending a range "
-                    "other than the one asked for)."
-                ) from None
-            restarted = True
-            part.unlink(missing_ok=True)
-            continue
-        except _Interrupted as exc:
-            if attempt >= retries:
-                raise DownloadError(
-                    f"Download of {url} was interrupted ({exc}).\n"
-                    f"The partial file {part} is kept: run the same command again to resume."
-                ) from None
-            attempt += 1
-            time.sleep(retry_wait * attempt)
-            continue
-        break
-
-    _verify_file(
-        part,
-        url,
-        expected_size=expected_size if expected_size is not None else total,
-        md5=md5,
-        sha256=sha256,
-        verify=verify,
-    )
-    try:
-        os.replace(part, dest)
-    except OSError as exc:
-        raise _disk_error(exc, dest, url) from None
-    return dest
+            return Path(store.fetch(dest.name, downloader=downloader))
+        except (_Interrupted, ValueError, OSError) as exc:
+            if not isinstance(exc, _Interrupted) or attempt == retries:  # offline: say so at once
+                raise _download_error(exc, url, part, timeout) from None
+        attempt += 1
+        time.sleep(retry_wait * attempt)
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -616,46 +441,10 @@ def _install(src: Path, root: Path) -> None:
         raise _disk_error(exc, root) from None
 
 
-def _safe_member_parts(name: str) -> tuple[str, ...]:
-    """Path parts of a zip member name; DownloadError when it could escape the target directory."""
-    normalized = name.replace("\\", "/")
-    if (
-        normalized.startswith("/")
-        or PureWindowsPath(name).drive
-        or PureWindowsPath(name).root
-        or "\x00" in name
-        or re.match(r"^[A-Za-z]:", normalized)
-    ):
-        raise DownloadError(f"Unsafe archive: member {name!r} has an absolute path; refusing to extract.")
-    parts = tuple(p for p in PurePosixPath(normalized).parts if p not in ("", "."))
-    if ".." in parts:
-        raise DownloadError(
-            f"Unsafe archive: member {name!r} points outside the target; refusing to extract."
-        )
-    return parts
-
-
-def _is_junk(parts: tuple[str, ...]) -> bool:
-    return any(p == "__MACOSX" for p in parts) or (
-        bool(parts) and (parts[-1] in _JUNK_NAMES or parts[-1].startswith("._"))
-    )
-
-
-def _verify_zip(path: Path) -> None:
-    """Zip integrity: the central directory reads and every member's CRC matches."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
-        raise _CorruptArchiveError(
-            f"{path} is not a valid zip archive (truncated or corrupt download?): {exc}. "
-            "It was deleted; run again to download it afresh."
-        ) from None
-    if bad is not None:
-        raise _CorruptArchiveError(
-            f"{path} is corrupt: member {bad!r} fails its CRC check. "
-            "It was deleted; run again to download it afresh."
-        )
+def _is_junk(name: str) -> bool:
+    """macOS and Windows debris in the archive (``__MACOSX/``, ``._*``, ``.DS_Store``, ``Thumbs.db``)."""
+    parts = PurePosixPath(name).parts
+    return "__MACOSX" in parts or (bool(parts) and (parts[-1] in _JUNK_NAMES or parts[-1].startswith("._")))
 
 
 def _find_dataset_dir(base: Path, max_depth: int = 4) -> Path | None:
@@ -680,11 +469,11 @@ def _find_dataset_dir(base: Path, max_depth: int = 4) -> Path | None:
 def extract_kermany(zip_path: str | Path, root: str | Path) -> Path:
     """Unpack the Kermany archive (``ChestXRay2017.zip`` or the Kaggle zip) so that ROOT/train/... exists.
 
-    Members under ``__MACOSX/``, ``.DS_Store`` and ``._*`` files are skipped; absolute names and names
-    with ``..`` are rejected before anything is written (zip-slip). The archive is unpacked into a
-    temporary sibling of ``root``; the ``chest_xray`` folder is located inside (however nested),
-    checked (train/NORMAL and train/PNEUMONIA non-empty) and renamed onto ``root``. On any failure
-    the temporary directory is removed and ``root`` is left as it was.
+    Members under ``__MACOSX/``, ``.DS_Store`` and ``._*`` files are skipped. ``ZipFile.extract``
+    drops absolute prefixes and ``..`` from member names, so nothing lands outside the temporary
+    sibling of ``root`` it unpacks into (zip-slip). The ``chest_xray`` folder is located inside
+    (however nested), checked (train/NORMAL and train/PNEUMONIA non-empty) and renamed onto
+    ``root``. On any failure the temporary directory is removed and ``root`` is left as it was.
     """
     zip_path, root = Path(zip_path), Path(root)
     with _hint_root(root):
@@ -692,30 +481,14 @@ def extract_kermany(zip_path: str | Path, root: str | Path) -> Path:
             zf = zipfile.ZipFile(zip_path)
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
             raise _CorruptArchiveError(
-                f"Cannot open {zip_path} as a zip archive (truncated or corrupt download?): {exc}"
+                f"{zip_path} is not a valid zip archive (truncated or corrupt download?): {exc}"
             ) from None
         with zf:
-            members = [(info, _safe_member_parts(info.filename)) for info in zf.infolist()]
             tmp = _make_tmp_sibling(root, "extract")
             try:
-                for info, parts in members:
-                    if not parts or _is_junk(parts):
-                        continue
-                    target = tmp.joinpath(*parts)
-                    try:
-                        if info.is_dir():
-                            target.mkdir(parents=True, exist_ok=True)
-                            continue
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with zf.open(info) as src, open(target, "wb") as dst:
-                            shutil.copyfileobj(src, dst, _CHUNK)  # CRC checked at the end of src
-                    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
-                        raise _CorruptArchiveError(
-                            f"{zip_path} is corrupt at member {info.filename!r} ({exc}); delete it and "
-                            "download again."
-                        ) from None
-                    except OSError as exc:
-                        raise _disk_error(exc, target) from None
+                for info in zf.infolist():
+                    if not _is_junk(info.filename):
+                        _extract_member(zf, info, tmp, zip_path)
                 found = _find_dataset_dir(tmp)
                 if found is None or not dataset_present(found):
                     raise DownloadError(
@@ -726,6 +499,18 @@ def extract_kermany(zip_path: str | Path, root: str | Path) -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, tmp: Path, zip_path: Path) -> None:
+    """One member into ``tmp``; its CRC is checked as it is read (a corrupt member raises)."""
+    try:
+        zf.extract(info, tmp)
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
+        raise _CorruptArchiveError(
+            f"{zip_path} is corrupt at member {info.filename!r} ({exc}); delete it and download again."
+        ) from None
+    except OSError as exc:
+        raise _disk_error(exc, Path(exc.filename or tmp)) from None
 
 
 def _write_pmnist_split(data: Any, split: str, tmp: Path, npz_path: Path) -> bool:
@@ -803,6 +588,11 @@ def convert_pneumoniamnist(npz_path: str | Path, root: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------- dataset
 
 
+def _known_hash(md5: str | None, sha256: str | None) -> str | None:
+    """pooch's form of the digest to check: the sha256 when there is one, else the md5, else none."""
+    return f"sha256:{sha256}" if sha256 else f"md5:{md5}" if md5 else None
+
+
 def download_dataset(
     root: str | Path,
     source: str = "kermany",
@@ -822,7 +612,8 @@ def download_dataset(
 
     The download lives in ``cache_dir`` (default ``root.parent / ".downloads"``) so that an
     interrupted run resumes; the archive is deleted after a successful unpack unless
-    ``keep_archive``. ``url``/``md5``/``sha256`` override the source's (mirrors, tests).
+    ``keep_archive``. ``url``/``md5``/``sha256`` override the source's (mirrors, tests); a bad
+    archive (not a zip, CRC error) is deleted so that the next run downloads it afresh.
     """
     root = Path(root).expanduser()
     if dataset_present(root):
@@ -835,13 +626,11 @@ def download_dataset(
         download_file(
             url or spec.url_for(key),
             archive,
-            md5=md5 or spec.md5_for(key),
-            sha256=sha256 or spec.sha256_for(key),
+            known_hash=_known_hash(md5, sha256) or _known_hash(spec.md5_for(key), spec.sha256_for(key)),
             progress=progress,
             timeout=timeout,
             retries=retries,
             retry_wait=retry_wait,
-            verify=_verify_zip if spec.kind == "zip" else None,
         )
         try:
             if spec.kind == "zip":
@@ -927,8 +716,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, choices=(64, 128, 224), default=224, help="pneumoniamnist only")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     parser.add_argument("--url", default=None, help="download from this URL instead (a mirror)")
-    parser.add_argument("--md5", default=None, help="expected md5 of the file at --url")
-    parser.add_argument("--sha256", default=None, help="expected sha256 of the file at --url")
+    digest = parser.add_mutually_exclusive_group()
+    digest.add_argument("--md5", default=None, help="expected md5 of the file at --url")
+    digest.add_argument("--sha256", default=None, help="expected sha256 of the file at --url")
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="where downloads go (default ROOT/../.downloads)"
     )
