@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from xray.constants import CHECKPOINT_KEY
 from xray.data.encoding import SourceEncoding
 from xray.models import build_net
 from xray.ood import OOD_KEY, FeatureGaussian, OodError
@@ -33,7 +34,6 @@ from xray.ood import OOD_KEY, FeatureGaussian, OodError
 BEST_NAME = "best_xray_model.ckpt"
 LAST_NAME = "last.ckpt"
 PRETRAINED_PATH = Path(__file__).resolve().parents[2] / "models" / "xray_gpu_transfer"
-CHECKPOINT_KEY = "xray"
 MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 1
 

@@ -7,7 +7,8 @@ CLASSES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 
 CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+CHECKPOINT_KEY = "xray"
+"""The section of a Lightning checkpoint that holds what prediction needs (network, preprocessing, ...)."""
 
 DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
 RASTER_EXTENSIONS: frozenset[str] = frozenset(

@@ -41,6 +41,7 @@ from xray.config_checks import ConfigError
 from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
 from xray.data.encoding import SourceEncoding, match_file_encoding
 from xray.data.io import ImageInfo, ImageReadError, read_image_info
+from xray.data.records import find_images
 from xray.module import flip_tta_logits
 from xray.ood import combine_scores, logits_and_features
 from xray.runtime import keep_freed_memory
@@ -160,15 +161,6 @@ class PredictionRow:
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def _scan_folder(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted); other extensions and hidden files ignored."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image_name(p))
-
-
 def _read_list_file(list_file: Path) -> list[Path]:
     """One path per line; relative ones are relative to the list file; blanks and ``#`` lines skipped."""
     try:
@@ -182,7 +174,7 @@ def _read_list_file(list_file: Path) -> list[Path]:
             continue
         path = Path(entry).expanduser()
         path = path if path.is_absolute() else list_file.parent / path
-        paths.extend(_scan_folder(path) if path.is_dir() else [path])  # a listed file is always attempted
+        paths.extend(find_images(path) if path.is_dir() else [path])  # a listed file is always attempted
     return paths
 
 
@@ -199,14 +191,14 @@ def collect_inputs(spec: str | os.PathLike[str]) -> list[Path]:
         matches = sorted(glob.glob(os.path.expanduser(spec_str), recursive=True))
         paths: list[Path] = []
         for match in map(Path, matches):
-            paths.extend(_scan_folder(match) if match.is_dir() else [match])
+            paths.extend(find_images(match) if match.is_dir() else [match])
         if not paths:
             raise InputError(f"input={spec_str}: the pattern matches no files")
         return paths
     if not path.exists():
         raise InputError(f"input={spec_str}: no such file or directory")
     if path.is_dir():
-        paths = _scan_folder(path)
+        paths = find_images(path)
         if not paths:
             raise InputError(
                 f"input={spec_str}: folder holds no image files (searched recursively for "

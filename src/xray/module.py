@@ -22,10 +22,9 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from xray.constants import CLASSES
+from xray.constants import CHECKPOINT_KEY, CLASSES
 from xray.conv_grad import use_nchw_weight_grad, wants_nchw_weight_grad
 
-CHECKPOINT_KEY = "xray"
 CHECKPOINT_FORMAT = 1
 
 
@@ -316,10 +315,6 @@ class XRayClassifier(LightningModule):
         if not self.eval_logits.update_called:
             return torch.empty(0)
         return self.eval_logits.compute().flatten().cpu()
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return torch.sigmoid(self(images).float())
 
     # ----- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

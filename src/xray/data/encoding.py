@@ -175,7 +175,7 @@ def _stamp(targets: list[Path], encoding: SourceEncoding | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m xray.data.encoding CKPT_OR_FOLDER --from TRAIN_DIR``: record (or ``--clear``) it."""
-    from xray.constants import IMAGE_EXTENSIONS
+    from xray.data.records import find_images
 
     parser = argparse.ArgumentParser(prog="python -m xray.data.encoding", description=main.__doc__)
     parser.add_argument("ckpt", type=Path, help="a .ckpt file or a folder of them (an ensemble)")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     encoding = None
     if not args.clear:
-        files = [p for p in sorted(args.source.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        files = find_images(args.source)
         encoding = detect_source_encoding(files)
         if encoding is None:
             print(

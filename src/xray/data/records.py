@@ -55,6 +55,11 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def find_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted); other extensions and hidden files ignored."""
+    return sorted(p for p in Path(folder).rglob("*") if is_image_file(p))
+
+
 def scan_split(root: str | Path, split: str) -> list[Record]:
     """Records of ``root/split/{NORMAL,PNEUMONIA}``, sorted by path.
 
@@ -68,7 +73,7 @@ def scan_split(root: str | Path, split: str) -> list[Record]:
         class_dir = split_dir / name
         if not class_dir.is_dir():
             raise DatasetLayoutError(f"{class_dir}: class folder '{name}' not found")
-        files = sorted(p for p in class_dir.rglob("*") if is_image_file(p))
+        files = find_images(class_dir)
         if not files:
             raise DatasetLayoutError(
                 f"{class_dir}: class folder '{name}' holds no image files "
