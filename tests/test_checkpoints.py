@@ -47,3 +47,51 @@ def test_shipped_model_predicts_out_of_the_box(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))  # noqa: SIM115
     assert len(rows) == 3 and all(0.0 <= float(r["prob_pneumonia"]) <= 1.0 and not r["error"] for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PRETRAINED_PATH.is_dir(), reason="no shipped model folder")
+def test_a_non_editable_install_finds_the_shipped_model(tmp_path: Path) -> None:
+    """``pip install .`` (not editable) carries the shipped model, and ``ckpt=pretrained`` finds it from
+    any working directory: a wheel of this checkout, installed with its own prefix, imported alone."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    import zipfile
+
+    from tests.conftest import PROJECT_ROOT
+    from xray.checkpoints import PRETRAINED_NAME
+
+    source = tmp_path / "source"  # build from a copy: setuptools writes build/ and egg-info beside it
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    shutil.copytree(
+        PROJECT_ROOT / "src" / "xray", source / "src" / "xray", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(PROJECT_ROOT / "models", source / "models")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), str(source)],
+        check=True,
+    )
+    (wheel,) = (tmp_path / "w").glob("xray-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith(f"data/share/xray/models/{PRETRAINED_NAME}/ensemble.json") for n in names), names[
+        -10:
+    ]
+    prefix = tmp_path / "prefix"
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--prefix", str(prefix), str(wheel)], check=True
+    )
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
+    probe = "import xray.checkpoints as c; print(c.__file__); print(c.load_predictor('pretrained').source)"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(site)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    module_file, shipped = proc.stdout.split("\n")[:2]
+    assert Path(module_file).is_relative_to(site)  # the installed copy, not this checkout
+    assert f"{prefix}/share/xray/models/{PRETRAINED_NAME}" in shipped

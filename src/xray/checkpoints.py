@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 import pickle
+import sys
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,23 @@ from xray.ood import OOD_KEY, FeatureGaussian, OodError
 
 BEST_NAME = "best_xray_model.ckpt"
 LAST_NAME = "last.ckpt"
-PRETRAINED_PATH = Path(__file__).resolve().parents[2] / "models" / "xray_gpu_transfer"
+PRETRAINED_NAME = "xray_gpu_transfer"
+
+
+def shipped_model_candidates() -> list[Path]:
+    """Where ``ckpt=pretrained`` looks, in order: ``models/`` of a source checkout (editable installs),
+    then the copy that ``pip install .`` puts under ``PREFIX/share/xray/models`` (pyproject's
+    data-files), for the prefix this package is installed in and for the running interpreter's."""
+    here = Path(__file__).resolve()
+    share = Path("share") / "xray" / "models" / PRETRAINED_NAME
+    candidates = [here.parents[2] / "models" / PRETRAINED_NAME]
+    if len(here.parents) > 4:  # PREFIX/lib/pythonX.Y/site-packages/xray/checkpoints.py
+        candidates.append(here.parents[4] / share)
+    candidates.append(Path(sys.prefix) / share)
+    return list(dict.fromkeys(candidates))
+
+
+PRETRAINED_PATH = next((p for p in shipped_model_candidates() if p.exists()), shipped_model_candidates()[0])
 MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 1
 
@@ -213,7 +230,10 @@ def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "lo
         return found
     if spec_str == "pretrained":
         if not PRETRAINED_PATH.exists():
-            raise CheckpointError(f"ckpt=pretrained: shipped model {PRETRAINED_PATH} is missing")
+            raise CheckpointError(
+                f"ckpt=pretrained: shipped model {PRETRAINED_PATH} is missing (looked in: "
+                f"{', '.join(str(p) for p in shipped_model_candidates())}); give a checkpoint with ckpt=PATH"
+            )
         if PRETRAINED_PATH.is_dir() and not is_ensemble_folder(PRETRAINED_PATH):
             raise CheckpointError(
                 f"ckpt=pretrained: shipped model folder {PRETRAINED_PATH} holds no {MANIFEST_NAME} "
