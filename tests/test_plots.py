@@ -32,33 +32,45 @@ def test_plot_curves_tolerates_missing_keys(tmp_path) -> None:
         {"epoch": 1, "train/loss": 0.5, "train/acc": 0.75},
         {"epoch": 2, "train/loss_epoch": 0.4, "val/loss": 0.45, "val/acc": 0.8},
     ]
-    _assert_png(plots.plot_curves(history, tmp_path / "curves.png"))
-    _assert_png(plots.plot_curves([], tmp_path / "empty.png"))
+    _assert_png(plots.save_figure(plots.make_curves_figure(history), tmp_path / "curves.png"))
+    _assert_png(plots.save_figure(plots.make_curves_figure([]), tmp_path / "empty.png"))
 
 
 def test_plot_roc_and_pr_two_splits_with_operating_points(tmp_path) -> None:
     curves = {"val": _data(seed=1), "test": _data(seed=2)}
     thresholds = {"val": 0.4, "test": 0.4}
-    _assert_png(plots.plot_roc(curves, tmp_path / "roc.png", thresholds=thresholds))
-    _assert_png(plots.plot_pr(curves, tmp_path / "pr.png", thresholds=thresholds))
+    _assert_png(plots.save_figure(plots.make_roc_figure(curves, thresholds=thresholds), tmp_path / "roc.png"))
+    _assert_png(plots.save_figure(plots.make_pr_figure(curves, thresholds=thresholds), tmp_path / "pr.png"))
 
 
 def test_plot_roc_one_split_and_one_class_split(tmp_path) -> None:
     probs, labels = _data(seed=3)
-    _assert_png(plots.plot_roc({"val": (probs, labels)}, tmp_path / "roc.png"))
+    _assert_png(plots.save_figure(plots.make_roc_figure({"val": (probs, labels)}), tmp_path / "roc.png"))
     one_class = {"val": (probs, labels), "test": (probs[:5], torch.zeros(5, dtype=torch.long))}
-    _assert_png(plots.plot_roc(one_class, tmp_path / "roc1.png", thresholds={"val": 0.5}))
-    _assert_png(plots.plot_pr(one_class, tmp_path / "pr1.png"))
+    _assert_png(
+        plots.save_figure(plots.make_roc_figure(one_class, thresholds={"val": 0.5}), tmp_path / "roc1.png")
+    )
+    _assert_png(plots.save_figure(plots.make_pr_figure(one_class), tmp_path / "pr1.png"))
 
 
 def test_plot_confusion_matrix(tmp_path) -> None:
-    _assert_png(plots.plot_confusion_matrix(200, 34, 12, 378, tmp_path / "cm.png", title="test @ 0.5"))
-    _assert_png(plots.plot_confusion_matrix(0, 0, 3, 5, tmp_path / "cm_empty_row.png"))
+    _assert_png(
+        plots.save_figure(
+            plots.make_confusion_matrix_figure(200, 34, 12, 378, title="test @ 0.5"), tmp_path / "cm.png"
+        )
+    )
+    _assert_png(
+        plots.save_figure(plots.make_confusion_matrix_figure(0, 0, 3, 5), tmp_path / "cm_empty_row.png")
+    )
 
 
 def test_plot_calibration(tmp_path) -> None:
     probs, labels = _data(n=200, seed=4)
-    _assert_png(plots.plot_calibration(probs, labels, tmp_path / "calibration.png", n_bins=10))
+    _assert_png(
+        plots.save_figure(
+            plots.make_calibration_figure(probs, labels, n_bins=10), tmp_path / "calibration.png"
+        )
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
@@ -72,13 +84,21 @@ def test_plot_mistakes(tmp_path, dtype) -> None:
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles[0].startswith("person5_virus_5.jpeg") and "p(PNEU)=0.020" in titles[0]
     assert len(titles) == 3
-    _assert_png(plots.plot_mistakes(images, probs, labels, names, tmp_path / "mistakes.png", k=3))
+    _assert_png(
+        plots.save_figure(
+            plots.make_mistakes_figure(images, probs, labels, names, k=3), tmp_path / "mistakes.png"
+        )
+    )
 
 
 def test_plot_mistakes_when_there_are_none(tmp_path) -> None:
     probs, labels = torch.tensor([0.9, 0.1]), torch.tensor([1, 0])
     images = torch.zeros(2, 1, 16, 16)
-    _assert_png(plots.plot_mistakes(images, probs, labels, ["a.jpeg", "b.jpeg"], tmp_path / "none.png"))
+    _assert_png(
+        plots.save_figure(
+            plots.make_mistakes_figure(images, probs, labels, ["a.jpeg", "b.jpeg"]), tmp_path / "none.png"
+        )
+    )
 
 
 def test_make_figure_functions_return_figures_for_loggers(tmp_path) -> None:

@@ -34,9 +34,9 @@ class MetricsHistory(Callback):
             row["lr"] = float(optimizers[0].param_groups[0]["lr"])
         self.history = [r for r in self.history if r["epoch"] != row["epoch"]] + [row]
         if trainer.is_global_zero and self.curves_path is not None:
-            from xray.plots import plot_curves
+            from xray.plots import make_curves_figure, save_figure
 
-            plot_curves(self.history, self.curves_path)
+            save_figure(make_curves_figure(self.history), self.curves_path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [{k: v for k, v in row.items() if not math.isnan(v)} for row in self.history]}

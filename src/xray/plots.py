@@ -1,8 +1,8 @@
 """Figures for a run: training curves, ROC, PR, confusion matrix, calibration, most confident mistakes.
 
 One pattern for every plot: ``make_<name>_figure(...) -> Figure`` builds the figure (a caller such as
-the LightningModule can hand it to ``logger.experiment.add_figure``), and ``plot_<name>(..., path)``
-builds it, saves it with :func:`save_figure` and returns the PNG path.
+the LightningModule can hand it to ``logger.experiment.add_figure``), and :func:`save_figure` writes
+any of them as a PNG.
 
 Figures are created with :class:`matplotlib.figure.Figure` directly, never through ``pyplot``: no
 global figure registry (nothing to leak when a caller forgets to close), no GUI backend needed, and
@@ -34,12 +34,6 @@ __all__ = [
     "make_mistakes_figure",
     "make_pr_figure",
     "make_roc_figure",
-    "plot_calibration",
-    "plot_confusion_matrix",
-    "plot_curves",
-    "plot_mistakes",
-    "plot_pr",
-    "plot_roc",
     "save_figure",
 ]
 
@@ -119,10 +113,6 @@ def make_curves_figure(history: Sequence[Mapping[str, Any]], title: str = "Train
     return fig
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: PathLike, title: str = "Training curves") -> Path:
-    return save_figure(make_curves_figure(history, title=title), path)
-
-
 # ------------------------------------------------------------------------------------------ ROC and PR
 def _two_classes(y: Tensor) -> bool:
     n_pos = int(y.sum())
@@ -170,15 +160,6 @@ def make_roc_figure(
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     return fig
-
-
-def plot_roc(
-    curves: Mapping[str, tuple[_ArrayLike, _ArrayLike]],
-    path: PathLike,
-    thresholds: Mapping[str, float] | None = None,
-    title: str = "ROC",
-) -> Path:
-    return save_figure(make_roc_figure(curves, thresholds=thresholds, title=title), path)
 
 
 def make_pr_figure(
@@ -231,15 +212,6 @@ def make_pr_figure(
     return fig
 
 
-def plot_pr(
-    curves: Mapping[str, tuple[_ArrayLike, _ArrayLike]],
-    path: PathLike,
-    thresholds: Mapping[str, float] | None = None,
-    title: str = "Precision-recall (PNEUMONIA positive)",
-) -> Path:
-    return save_figure(make_pr_figure(curves, thresholds=thresholds, title=title), path)
-
-
 # ------------------------------------------------------------------------------------ confusion matrix
 def make_confusion_matrix_figure(
     tn: int, fp: int, fn: int, tp: int, title: str = "Confusion matrix"
@@ -270,12 +242,6 @@ def make_confusion_matrix_figure(
     ax.set_title(title)
     fig.tight_layout()
     return fig
-
-
-def plot_confusion_matrix(
-    tn: int, fp: int, fn: int, tp: int, path: PathLike, title: str = "Confusion matrix"
-) -> Path:
-    return save_figure(make_confusion_matrix_figure(tn, fp, fn, tp, title=title), path)
 
 
 # ---------------------------------------------------------------------------------------- calibration
@@ -317,12 +283,6 @@ def make_calibration_figure(
     hist.legend(fontsize="x-small")
     fig.tight_layout()
     return fig
-
-
-def plot_calibration(
-    probs: _ArrayLike, labels: _ArrayLike, path: PathLike, n_bins: int = 10, title: str = "Calibration"
-) -> Path:
-    return save_figure(make_calibration_figure(probs, labels, n_bins=n_bins, title=title), path)
 
 
 # ------------------------------------------------------------------------------------------- mistakes
@@ -389,18 +349,3 @@ def make_mistakes_figure(
     fig.suptitle(f"{title} (threshold {threshold:.3f}; {len(chosen)} of {wrong.numel()} wrong)")
     fig.tight_layout()
     return fig
-
-
-def plot_mistakes(
-    images: Tensor,
-    probs: _ArrayLike,
-    labels: _ArrayLike,
-    names: Sequence[str],
-    path: PathLike,
-    k: int = 16,
-    threshold: float = 0.5,
-    title: str = "Most confident mistakes",
-) -> Path:
-    return save_figure(
-        make_mistakes_figure(images, probs, labels, names, k=k, threshold=threshold, title=title), path
-    )
