@@ -183,7 +183,7 @@ def read_image_info(path: str | os.PathLike[str]) -> tuple[torch.Tensor, ImageIn
             arr, frames, fmt = _read_raster(p)
     except _Reason as err:
         raise ImageReadError(p, str(err)) from err.__cause__
-    except (ImageReadError, MemoryError, RecursionError):
+    except (ImageReadError, *_FATAL):
         raise
     except Exception as err:  # a decoder failure that the steps below did not anticipate
         raise ImageReadError(p, f"cannot read image: {_short(err)}") from err
@@ -215,7 +215,7 @@ def probe_image(path: str | os.PathLike[str]) -> str | None:
                 img.verify()
     except _Reason as err:
         return str(err)
-    except (MemoryError, RecursionError):
+    except _FATAL:
         raise
     except ImageReadError as err:
         return err.reason
@@ -256,6 +256,22 @@ def _is_dicom(p: Path, header: bytes) -> bool:
     return False
 
 
+_FATAL = (MemoryError, RecursionError)
+"""Never turned into "bad file": out of memory or a runaway recursion is the process's problem."""
+
+
+@contextmanager
+def _reason_for(message: str) -> Iterator[None]:
+    """A decoder failure nothing below anticipated -> ``_Reason("<message>: <detail>")``; our own
+    errors and :data:`_FATAL` pass through unchanged."""
+    try:
+        yield
+    except (_Reason, ImageReadError, *_FATAL):
+        raise
+    except Exception as err:
+        raise _Reason(f"{message}: {_short(err)}") from err
+
+
 def _short(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     if len(text) > _MAX_REASON_CHARS:
@@ -284,19 +300,18 @@ def _open_pil(fh: BinaryIO) -> Iterator[Image.Image]:
     Pillow warns (``DecompressionBombWarning``) between 1x and 2x ``MAX_IMAGE_PIXELS`` and raises
     above 2x; both become the same "image too large" reason, from the header, before decoding.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fh, formats=_PIL_FORMATS)
-    except UnidentifiedImageError:
-        raise _Reason("not an image (cannot identify image file)") from None
-    except Image.DecompressionBombError as err:
-        found = re.search(r"\((\d+) pixels\)", str(err))
-        raise _Reason(_too_large(found.group(1) if found else "too many", Image.MAX_IMAGE_PIXELS)) from None
-    except (MemoryError, RecursionError):
-        raise
-    except Exception as err:
-        raise _Reason(f"cannot open image: {_short(err)}") from err
+    with _reason_for("cannot open image"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fh, formats=_PIL_FORMATS)
+        except UnidentifiedImageError:
+            raise _Reason("not an image (cannot identify image file)") from None
+        except Image.DecompressionBombError as err:
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            raise _Reason(
+                _too_large(found.group(1) if found else "too many", Image.MAX_IMAGE_PIXELS)
+            ) from None
     try:
         _check_pixel_count(*img.size)
         if 0 in img.size:
@@ -312,7 +327,7 @@ def _frame_count(img: Image.Image) -> int:
         return 1
     try:
         return int(getattr(img, "n_frames", 1) or 1)
-    except (MemoryError, RecursionError):
+    except _FATAL:
         raise
     except Exception:  # a broken frame index: at least the first frame decoded
         return 1
@@ -321,32 +336,21 @@ def _frame_count(img: Image.Image) -> int:
 def _read_raster(p: Path) -> tuple[np.ndarray, int, str]:
     with open(p, "rb") as fh, _open_pil(fh) as img:
         fmt = img.format or "image"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
-        except Image.DecompressionBombError:
-            raise _Reason(_too_large(f"{img.size[0] * img.size[1]}", Image.MAX_IMAGE_PIXELS)) from None
-        except (MemoryError, RecursionError):
-            raise
-        except Exception as err:
-            raise _Reason(f"truncated or corrupt {fmt}: {_short(err)}") from err
+        with _reason_for(f"truncated or corrupt {fmt}"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    img.load()
+            except Image.DecompressionBombError:
+                raise _Reason(_too_large(f"{img.size[0] * img.size[1]}", Image.MAX_IMAGE_PIXELS)) from None
         try:
             oriented = ImageOps.exif_transpose(img)
-        except (MemoryError, RecursionError):
+        except _FATAL:
             raise
         except Exception:  # a broken EXIF block: use the image as stored
             oriented = img
-        try:
+        with _reason_for(f"cannot convert {fmt} image (mode {img.mode}) to grayscale"):
             return _to_gray_uint8(oriented if oriented is not None else img), _frame_count(img), fmt
-        except _Reason:
-            raise
-        except (MemoryError, RecursionError):
-            raise
-        except Exception as err:
-            raise _Reason(
-                f"cannot convert {fmt} image (mode {img.mode}) to grayscale: {_short(err)}"
-            ) from err
 
 
 def _to_gray_uint8(img: Image.Image) -> np.ndarray:
@@ -391,25 +395,18 @@ def _dcmread(p: Path, has_preamble: bool, lazy: bool):
     from pydicom.errors import InvalidDicomError
 
     kwargs = {"defer_size": "64 KB"} if lazy else {}
-    try:
-        return pydicom.dcmread(p, force=False, **kwargs)
-    except InvalidDicomError as err:
-        if has_preamble:
-            raise _Reason(f"corrupt DICOM file: {_short(err)}") from err
-    except (MemoryError, RecursionError):
-        raise
-    except Exception as err:
-        raise _Reason(f"corrupt DICOM file: {_short(err)}") from err
+    with _reason_for("corrupt DICOM file"):
+        try:
+            return pydicom.dcmread(p, force=False, **kwargs)
+        except InvalidDicomError:
+            if has_preamble:
+                raise
     # A .dcm/.dicom file without the 128-byte preamble and 'DICM' marker: old files are written
     # like that; read it forced, but anything without pixel data is reported as "not DICOM".
-    try:
+    with _reason_for("not a DICOM file"):
         ds = pydicom.dcmread(p, force=True, **kwargs)
         if "PixelData" not in ds:
             raise ValueError("no 'DICM' marker and no pixel data")
-    except (MemoryError, RecursionError):
-        raise
-    except Exception as err:
-        raise _Reason(f"not a DICOM file ({_short(err)})") from err
     if "TransferSyntaxUID" not in ds.file_meta:
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -463,7 +460,7 @@ def _dicom_pixels(ds) -> np.ndarray:
             arr = ds.pixel_array
             if int(ds.get("NumberOfFrames", 1) or 1) > 1:
                 arr = arr[0]
-    except (MemoryError, RecursionError):
+    except _FATAL:
         raise
     except Exception as err:
         if ts is not None and ts.is_compressed:
@@ -474,7 +471,7 @@ def _dicom_pixels(ds) -> np.ndarray:
         raise _Reason(f"corrupt DICOM pixel data: {_short(err)}") from err
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    try:
+    with _reason_for(f"cannot apply the DICOM LUTs ({photometric})"):
         if photometric == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
         if arr.ndim == 3:  # colour: (rows, cols, 3)
@@ -486,12 +483,6 @@ def _dicom_pixels(ds) -> np.ndarray:
             return np.array(Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB").convert("L"))
         values = apply_modality_lut(arr, ds)
         values = apply_voi_lut(values, ds, index=0)
-    except _Reason:
-        raise
-    except (MemoryError, RecursionError):
-        raise
-    except Exception as err:
-        raise _Reason(f"cannot apply the DICOM LUTs ({photometric}): {_short(err)}") from err
     out = _minmax_uint8(values, what="DICOM image")
     if photometric == "MONOCHROME1":  # 0 is white: invert so that bright = dense, as MONOCHROME2
         out = 255 - out
