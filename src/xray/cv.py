@@ -31,6 +31,7 @@ from torch import Tensor
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import CheckpointError
 from xray.evaluation import (
+    ECE_BINS,
     REPORT_ROWS,
     THRESHOLD_FREE,
     THRESHOLD_RULES,
@@ -609,7 +610,7 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
         ["pooled T", _num(result["temperature"])]
         + [_num(cal["pooled_temperature"][m]) for m in ("log_loss", "ece", "brier")],
     ]
-    lines += _table(["probabilities", "T", "log loss", "ECE (15 bins)", "Brier"], cal_rows)
+    lines += _table(["probabilities", "T", "log loss", f"ECE ({ECE_BINS} bins)", "Brier"], cal_rows)
     lines.append("")
     if result.get("pooled_shift"):
         from xray.shifts import render_shift_table

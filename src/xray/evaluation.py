@@ -167,6 +167,15 @@ def _ratio(num: float, den: float) -> float:
 
 
 # -------------------------------------------------------------------------------------------- metrics
+ECE_BINS = 15
+"""Equal-width bins of the one ECE the project reports (torchmetrics, L1): report, metrics, figures."""
+
+
+def expected_calibration_error(probs: _ArrayLike, labels: _ArrayLike) -> float:
+    p, y = prepare_probs_labels(probs, labels)
+    return _f(binary_calibration_error(p, y, n_bins=ECE_BINS, norm="l1"))
+
+
 def classification_metrics(probs: _ArrayLike, labels: _ArrayLike, threshold: float = 0.5) -> dict[str, float]:
     """Clinical metrics at one operating point (``prob >= threshold``), via torchmetrics.
 
@@ -194,7 +203,7 @@ def classification_metrics(probs: _ArrayLike, labels: _ArrayLike, threshold: flo
         "balanced_accuracy": (sens + spec) / 2.0,
         # torchmetrics (1.9) has no binary Brier score: Brier = MSE of the probability vs the 0/1 label.
         "brier": _f(mean_squared_error(p, y.to(p.dtype))),
-        "ece": _f(binary_calibration_error(p, y, n_bins=15, norm="l1")),
+        "ece": expected_calibration_error(p, y),
         "tn": int(tn),
         "fp": int(fp),
         "fn": int(fn),
@@ -437,7 +446,7 @@ REPORT_ROWS: tuple[tuple[str, str], ...] = (
     ("balanced_accuracy", "Balanced accuracy"),
     ("average_precision", "Average precision"),
     ("brier", "Brier score"),
-    ("ece", "ECE (15 bins)"),
+    ("ece", f"ECE ({ECE_BINS} bins)"),
 )
 THRESHOLD_FREE = frozenset({"auroc", "average_precision", "brier", "ece"})
 _SPLIT_ORDER = ("train", "val", "test")

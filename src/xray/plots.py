@@ -24,7 +24,13 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-from xray.evaluation import CLASS_NAMES, classification_metrics, prepare_probs_labels
+from xray.evaluation import (
+    CLASS_NAMES,
+    ECE_BINS,
+    classification_metrics,
+    expected_calibration_error,
+    prepare_probs_labels,
+)
 
 __all__ = [
     "DPI",
@@ -248,7 +254,8 @@ def make_confusion_matrix_figure(
 def make_calibration_figure(
     probs: _ArrayLike, labels: _ArrayLike, n_bins: int = 10, title: str = "Calibration"
 ) -> Figure:
-    """Reliability diagram (equal-width bins) over a histogram of predicted p(PNEUMONIA) per class."""
+    """Reliability diagram (``n_bins`` equal-width bins) over a histogram of predicted p(PNEUMONIA) per
+    class; the ECE in its legend is the report's (:func:`xray.evaluation.expected_calibration_error`)."""
     p, y = prepare_probs_labels(probs, labels)
     pn, yn = p.double().numpy(), y.numpy()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -259,12 +266,12 @@ def make_calibration_figure(
     filled = counts > 0
     mean_p = mean_p[filled] / counts[filled]
     frac_pos = frac_pos[filled] / counts[filled]
-    ece = float(np.sum(counts[filled] / len(pn) * np.abs(frac_pos - mean_p)))
+    ece = expected_calibration_error(p, y)
 
     fig = _new_figure((5.5, 6))
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
-    ax.plot(mean_p, frac_pos, marker="o", color="tab:blue", label=f"model ({n_bins} bins, ECE {ece:.3f})")
+    ax.plot(mean_p, frac_pos, marker="o", color="tab:blue", label=f"model (ECE {ece:.3f}, {ECE_BINS} bins)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed fraction PNEUMONIA")
