@@ -29,6 +29,7 @@ from torch import nn
 
 from xray.constants import CHECKPOINT_KEY
 from xray.data.encoding import SourceEncoding
+from xray.errors import UserError
 from xray.models import build_net
 from xray.ood import OOD_KEY, FeatureGaussian, OodError
 
@@ -55,7 +56,7 @@ MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, truncated, unsafe or not an xray checkpoint."""
 
 

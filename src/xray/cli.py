@@ -15,23 +15,9 @@ EXIT_USER_ERROR = 2
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, reported as one message instead of a traceback."""
-    from xray.checkpoints import CheckpointError
-    from xray.config_checks import ConfigError
-    from xray.data.datamodule import BadImagesError
-    from xray.data.download import DatasetNotFoundError, DownloadError
-    from xray.data.records import DatasetLayoutError
-    from xray.module import NonFiniteLossError
+    from xray.errors import UserError
 
-    return (
-        CheckpointError,
-        ConfigError,
-        BadImagesError,
-        DatasetNotFoundError,
-        DownloadError,
-        DatasetLayoutError,
-        NonFiniteLossError,
-        PermissionError,
-    )
+    return (UserError, PermissionError)
 
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")

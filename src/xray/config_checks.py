@@ -10,8 +10,10 @@ from typing import Any
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from xray.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key with an unknown name, a wrong type or an impossible value."""
 
 

@@ -24,6 +24,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from xray.constants import CHECKPOINT_KEY, CLASSES
 from xray.conv_grad import use_nchw_weight_grad, wants_nchw_weight_grad
+from xray.errors import UserError
 
 CHECKPOINT_FORMAT = 1
 
@@ -32,7 +33,7 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN/inf loss; the message names the epoch and step."""
 
 

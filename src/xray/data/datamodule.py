@@ -34,6 +34,7 @@ from xray.data.encoding import SourceEncoding, detect_source_encoding
 from xray.data.io import probe_image
 from xray.data.prefetch import DevicePrefetcher, wants_pinned_memory
 from xray.data.records import Record, class_counts, patient_folds, scan_split, split_by_patient
+from xray.errors import UserError
 from xray.transforms import (
     KerasRandomAffine,
     appearance_augment_batch,
@@ -57,7 +58,7 @@ DEFAULT_AUGMENT: dict[str, Any] = {
 }
 
 
-class BadImagesError(ValueError):
+class BadImagesError(UserError, ValueError):
     """Unreadable files found at setup; the message lists every one with its reason."""
 
 

@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from xray.constants import CLASSES
+from xray.errors import UserError
 
 if TYPE_CHECKING:
     import requests
@@ -86,7 +87,7 @@ def manual_instructions(root: str | Path | None = None) -> str:
     )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """Fetching, verifying or unpacking the data failed. ``problem`` is the first line(s) of the message."""
 
     def __init__(self, problem: str, *, root: str | Path | None = None) -> None:
@@ -95,7 +96,7 @@ class DownloadError(RuntimeError):
         super().__init__(f"{problem}\n\n{manual_instructions(root)}")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset root does not hold the expected layout and nothing was downloaded."""
 
     def __init__(self, root: str | Path, reason: str = "") -> None:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
+from xray.errors import UserError
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserError, FileNotFoundError):
     """The dataset folder does not have the expected layout; the message names the path."""
 
 
