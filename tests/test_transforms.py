@@ -349,3 +349,23 @@ def test_random_affine_rejects_pil_images() -> None:
 
     with pytest.raises(TypeError, match="PILToTensor"):
         KerasRandomAffine()(PIL.Image.new("L", (8, 8)))
+
+
+def test_the_seed_augmentation_has_one_home() -> None:
+    """conf/data/kermany.yaml spells out KERAS_SEED_AUGMENT, the defaults of every augmentation entry."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import PROJECT_ROOT
+    from xray.data.datamodule import XRayDataModule
+    from xray.transforms import KERAS_SEED_AUGMENT, KerasRandomAffine, sample_keras_params
+
+    yaml = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "data" / "kermany.yaml"))
+    assert yaml["augment"] == KERAS_SEED_AUGMENT
+    assert inspect.signature(XRayDataModule).parameters["augment"].default == KERAS_SEED_AUGMENT
+    for fn in (KerasRandomAffine, sample_keras_params):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in KERAS_SEED_AUGMENT if k in params} == {
+            k: v for k, v in KERAS_SEED_AUGMENT.items() if k in params
+        }

@@ -126,6 +126,22 @@ class Rescale(v2.Transform):
 
 
 # --------------------------------------------------------------------------------------------------
+KERAS_SEED_AUGMENT: dict[str, Any] = {
+    "rotation_range": 30.0,
+    "width_shift_range": 0.2,
+    "height_shift_range": 0.2,
+    "shear_range": 0.1,
+    "zoom_range": 0.2,
+    "fill_mode": "nearest",
+    "horizontal_flip": True,
+    "vertical_flip": True,
+}
+"""The seed Keras project's ``ImageDataGenerator`` settings: the defaults of :class:`KerasRandomAffine`,
+:func:`sample_keras_params` and the DataModule (``conf/data/kermany.yaml`` spells them out; a test
+keeps the two equal)."""
+_SEED = KERAS_SEED_AUGMENT
+
+
 # Keras affine: parameters, matrices, sampling
 # --------------------------------------------------------------------------------------------------
 
@@ -399,13 +415,13 @@ def sample_keras_params(
     height: int,
     width: int,
     *,
-    rotation_range: float = 30.0,
-    width_shift_range: ShiftRange = 0.2,
-    height_shift_range: ShiftRange = 0.2,
-    shear_range: float = 0.1,
-    zoom_range: float | Sequence[float] = 0.2,
-    horizontal_flip: bool = True,
-    vertical_flip: bool = True,
+    rotation_range: float = _SEED["rotation_range"],
+    width_shift_range: ShiftRange = _SEED["width_shift_range"],
+    height_shift_range: ShiftRange = _SEED["height_shift_range"],
+    shear_range: float = _SEED["shear_range"],
+    zoom_range: float | Sequence[float] = _SEED["zoom_range"],
+    horizontal_flip: bool = _SEED["horizontal_flip"],
+    vertical_flip: bool = _SEED["vertical_flip"],
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> KerasAugmentParams:
@@ -469,14 +485,14 @@ class KerasRandomAffine(v2.Transform):
 
     def __init__(
         self,
-        rotation_range: float = 30.0,
-        width_shift_range: ShiftRange = 0.2,
-        height_shift_range: ShiftRange = 0.2,
-        shear_range: float = 0.1,
-        zoom_range: float | Sequence[float] = 0.2,
-        fill_mode: str = "nearest",
-        horizontal_flip: bool = True,
-        vertical_flip: bool = True,
+        rotation_range: float = _SEED["rotation_range"],
+        width_shift_range: ShiftRange = _SEED["width_shift_range"],
+        height_shift_range: ShiftRange = _SEED["height_shift_range"],
+        shear_range: float = _SEED["shear_range"],
+        zoom_range: float | Sequence[float] = _SEED["zoom_range"],
+        fill_mode: str = _SEED["fill_mode"],
+        horizontal_flip: bool = _SEED["horizontal_flip"],
+        vertical_flip: bool = _SEED["vertical_flip"],
     ) -> None:
         super().__init__()
         if fill_mode != "nearest":

@@ -36,6 +36,7 @@ from xray.data.prefetch import DevicePrefetcher, wants_pinned_memory
 from xray.data.records import Record, class_counts, patient_folds, scan_split, split_by_patient
 from xray.errors import UserError
 from xray.transforms import (
+    KERAS_SEED_AUGMENT,
     KerasRandomAffine,
     appearance_augment_batch,
     keras_augment_batch,
@@ -45,17 +46,6 @@ from xray.transforms import (
 )
 
 log = logging.getLogger(__name__)
-
-DEFAULT_AUGMENT: dict[str, Any] = {
-    "rotation_range": 30.0,
-    "width_shift_range": 0.2,
-    "height_shift_range": 0.2,
-    "shear_range": 0.1,
-    "zoom_range": 0.2,
-    "fill_mode": "nearest",
-    "horizontal_flip": True,
-    "vertical_flip": True,
-}
 
 
 class BadImagesError(UserError, ValueError):
@@ -142,7 +132,7 @@ class XRayDataModule(LightningDataModule):
         n_folds: int | None = None,
         fold: int = 0,
         train_limit_per_class: int | None = None,
-        augment: dict[str, Any] | None = DEFAULT_AUGMENT,
+        augment: dict[str, Any] | None = KERAS_SEED_AUGMENT,
         augment_on: str = "batch",
         appearance: dict[str, float] | None = None,
         balanced_sampler: bool = False,
