@@ -18,15 +18,16 @@ import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from xray.atomic import atomic_write, atomic_write_text
 from xray.constants import CHECKPOINT_KEY
 from xray.data.encoding import SourceEncoding
 from xray.errors import UserError
@@ -60,26 +61,9 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, truncated, unsafe or not an xray checkpoint."""
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """``write`` into a temporary file in the same folder, fsync, then rename over ``path``: a reader
-    (or a kill) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    _atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -485,7 +469,7 @@ def write_ensemble_manifest(
     }
     text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
     path = folder / MANIFEST_NAME
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write_text(path, text)
     return path
 
 
@@ -495,6 +479,6 @@ def update_ensemble_manifest(folder: str | os.PathLike, **values: Any) -> Path:
     manifest = read_ensemble_manifest(path)
     manifest.update(values)
     text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write_text(path, text)
     read_ensemble_manifest(path)
     return path

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from torchmetrics.functional.classification import (
     binary_specificity,
 )
 
+from xray.atomic import atomic_write_text
 from xray.constants import CLASSES
 
 __all__ = [
@@ -410,27 +410,11 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report should be readable like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_metrics_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
     """metrics.json: sorted keys, nan -> null, written atomically. Returns the path."""
     path = Path(path)
     text = json.dumps(_jsonable(payload), sort_keys=True, indent=2, allow_nan=False) + "\n"
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -645,5 +629,5 @@ def write_report(
         test_used_for_selection=test_used_for_selection,
     )
     path = run_dir / filename
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return path

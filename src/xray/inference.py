@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from xray.atomic import atomic_write_text
 from xray.calibration import apply_temperature
 from xray.checkpoints import LoadedModel, Predictor, load_predictor
 from xray.config_checks import ConfigError
@@ -502,26 +504,22 @@ def _fmt(value: float | None) -> str:
 def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Path:
     """:data:`CSV_COLUMNS`; prob, label, ood_score and warning empty on error rows (ood_score also when
     the checkpoint has no OOD statistics)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        for row in rows:
-            writer.writerow(
-                [
-                    row.path,
-                    _fmt(row.prob_pneumonia),
-                    row.label or "",
-                    f"{row.threshold:.8g}",
-                    "" if row.ood_score is None else f"{row.ood_score:.4f}",
-                    row.warning,
-                    row.error or "",
-                ]
-            )
-    os.replace(tmp, path)
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow(
+            [
+                row.path,
+                _fmt(row.prob_pneumonia),
+                row.label or "",
+                f"{row.threshold:.8g}",
+                "" if row.ood_score is None else f"{row.ood_score:.4f}",
+                row.warning,
+                row.error or "",
+            ]
+        )
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def label_metrics(rows: Sequence[PredictionRow], threshold: float) -> dict[str, Any] | None:
