@@ -37,7 +37,6 @@ __all__ = [
     "Rescale",
     "appearance_augment_batch",
     "apply_affine",
-    "eval_transform",
     "keras_affine_matrices",
     "keras_augment_batch",
     "rescale",
@@ -568,11 +567,6 @@ def _freeze(value: Any) -> Any:
 def train_transform(aug: dict[str, Any] | None = None) -> v2.Compose:
     """Training preset: Keras augmentation (``aug`` = its keyword arguments; None = defaults), rescale."""
     return v2.Compose([KerasRandomAffine(**dict(aug or {})), Rescale()])
-
-
-def eval_transform() -> v2.Compose:
-    """Evaluation preset: rescale only (Keras's validation generator had ``rescale=1/255`` only)."""
-    return v2.Compose([Rescale()])
 
 
 # --------------------------------------------------------------------------------------------------
