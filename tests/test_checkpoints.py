@@ -82,9 +82,9 @@ def test_a_non_editable_install_finds_the_shipped_model(tmp_path: Path) -> None:
         -10:
     ]
     prefix = tmp_path / "prefix"
-    subprocess.run(
-        [*pip, "install", "--no-deps", "--no-index", "--prefix", str(prefix), str(wheel)], check=True
-    )
+    # --ignore-installed: without it pip first uninstalls this environment's own (editable) xray
+    install = [*pip, "install", "--no-deps", "--no-index", "--ignore-installed", "--prefix", str(prefix)]
+    subprocess.run([*install, str(wheel)], check=True)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
     probe = "import xray.checkpoints as c; print(c.__file__); print(c.load_predictor('pretrained').source)"
     proc = subprocess.run(
@@ -95,3 +95,7 @@ def test_a_non_editable_install_finds_the_shipped_model(tmp_path: Path) -> None:
     module_file, shipped = proc.stdout.split("\n")[:2]
     assert Path(module_file).is_relative_to(site)  # the installed copy, not this checkout
     assert f"{prefix}/share/xray/models/{PRETRAINED_NAME}" in shipped
+    check = subprocess.run(
+        [sys.executable, "-c", "import xray"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr[-2000:]  # this environment's own install is untouched
