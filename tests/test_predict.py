@@ -31,17 +31,16 @@ from xray.checkpoints import CheckpointError, load_checkpoint_file, load_model
 from xray.config_checks import ConfigError
 from xray.data.io import ImageInfo
 from xray.evaluation import classification_metrics
+from xray.gradcam import GradCam, last_conv2d
 from xray.inference import (
     CSV_COLUMNS,
     EXIT_OK,
     EXIT_SOME_FAILED,
-    GradCam,
     InputError,
     WarningLimits,
     class_from_path,
     collate_separating_failures,
     collect_inputs,
-    last_conv2d,
     predict_files,
     resolve_device,
     run_predict,

@@ -44,6 +44,7 @@ from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
 from xray.data.encoding import SourceEncoding, match_file_encoding
 from xray.data.io import ImageInfo, ImageReadError, read_image_info
 from xray.data.records import find_images
+from xray.gradcam import GradCam, write_gradcam
 from xray.module import flip_tta_logits
 from xray.ood import combine_scores, logits_and_features
 from xray.runtime import keep_freed_memory
@@ -59,7 +60,6 @@ __all__ = [
     "input_warnings",
     "warning_summary",
     "EXIT_SOME_FAILED",
-    "GradCam",
     "InputError",
     "PredictDataset",
     "PredictionRow",
@@ -67,7 +67,6 @@ __all__ = [
     "collate_separating_failures",
     "collect_inputs",
     "label_metrics",
-    "last_conv2d",
     "member_logits",
     "predict_files",
     "resolve_device",
@@ -392,7 +391,7 @@ def predict_files(
                             seen[index, k] = True
                     if cam is not None and 0 in members:
                         batch = _calibrated(logits, seen, index.tolist(), predictor.temperature)
-                        heatmaps.update(_write_gradcam(cam, images, index.tolist(), batch, paths, threshold))
+                        heatmaps.update(write_gradcam(cam, images, index.tolist(), batch, paths, threshold))
                 bar.update(len(index) + len(failed))
     probs = _calibrated(logits, seen, list(range(len(paths))), predictor.temperature)
     ood_scores = combine_scores(list(scores.T)) if stats is not None else None
@@ -417,83 +416,6 @@ def predict_files(
             )
         )
     return rows
-
-
-# --------------------------------------------------------------------------------------------- grad-cam
-def _write_gradcam(
-    cam: GradCam,
-    images: Tensor,
-    index: list[int],
-    probs: dict[int, float],
-    paths: list[str],
-    threshold: float,
-) -> dict[int, str]:
-    """Overlays for the images of a batch that have a probability (every member scored them)."""
-    keep = [k for k, i in enumerate(index) if i in probs]
-    if not keep:
-        return {}
-    chosen = [index[k] for k in keep]
-    return cam.write(images[keep], chosen, [probs[i] for i in chosen], paths, threshold)
-
-
-def last_conv2d(net: nn.Module) -> nn.Conv2d:
-    """The last Conv2d of ``net`` in module order: the usual Grad-CAM layer."""
-    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ConfigError(f"gradcam=true: the network {type(net).__name__} has no Conv2d layer")
-    return convs[-1]
-
-
-class GradCam:
-    """captum LayerGradCam on the last Conv2d, upsampled to the input size, drawn over the image."""
-
-    def __init__(self, net: nn.Module, out_dir: str | os.PathLike[str] | None = None) -> None:
-        from captum.attr import LayerGradCam
-
-        self.gradcam = LayerGradCam(net, last_conv2d(net))
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-
-    def maps(self, images: Tensor) -> Tensor:
-        """uint8 (B,1,S,S) -> heatmaps (B,S,S) in [0, 1] (ReLU of the map, per-image max scaled)."""
-        from captum.attr import LayerAttribution
-
-        x = rescale(images).clone().requires_grad_(True)  # a normal tensor: autograd outside inference mode
-        with torch.enable_grad():
-            attribution = self.gradcam.attribute(x, relu_attributions=True)
-        heat = LayerAttribution.interpolate(attribution.detach(), tuple(images.shape[-2:]), "bilinear")
-        heat = heat[:, 0].clamp(min=0)
-        peak = heat.flatten(1).amax(1).clamp(min=1e-12)
-        return (heat / peak[:, None, None]).cpu()
-
-    def write(
-        self, images: Tensor, index: list[int], probs: list[float], paths: list[str], threshold: float
-    ) -> dict[int, str]:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        from xray.plots import save_figure
-
-        if self.out_dir is None:
-            raise ValueError("GradCam.write needs an output folder")
-        heat = self.maps(images)
-        gray = images[:, 0].cpu().numpy()
-        written: dict[int, str] = {}
-        for k, (i, prob) in enumerate(zip(index, probs, strict=True)):
-            fig = Figure(figsize=(3.2, 3.5), dpi=100)
-            FigureCanvasAgg(fig)
-            ax = fig.subplots()
-            ax.imshow(gray[k], cmap="gray", vmin=0, vmax=255)
-            ax.imshow(heat[k].numpy(), cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
-            name = Path(paths[i]).name
-            name = name if len(name) <= 30 else "…" + name[-29:]
-            ax.set_title(f"{name}\np(PNEUMONIA)={prob:.3f} -> {CLASSES[int(prob >= threshold)]}", fontsize=8)
-            ax.set_axis_off()
-            fig.tight_layout()
-            out = self.out_dir / f"{i:05d}_{Path(paths[i]).stem}.png"
-            written[i] = str(save_figure(fig, out, dpi=100))
-        return written
 
 
 # ---------------------------------------------------------------------------------------------- outputs
