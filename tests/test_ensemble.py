@@ -34,8 +34,7 @@ from xray.checkpoints import (
 from xray.constants import CLASSES
 from xray.data.cache import load_resized
 from xray.inference import EXIT_OK, predict_files, run_predict
-from xray.models import SeedCNN
-from xray.module import flip_tta_logits
+from xray.models import SeedCNN, flip_tta_logits
 from xray.transforms import rescale
 
 N_IMAGES = 6

@@ -7,9 +7,9 @@ import functools
 import pytest
 import torch
 
-from xray.models import SeedCNN, TorchvisionNet, build_net
+from xray.models import SeedCNN, TorchvisionNet, build_net, flip_tta_logits
 from xray.models.seed_cnn import MaxPool2x2
-from xray.module import XRayClassifier, flip_tta_logits
+from xray.module import XRayClassifier
 
 
 def test_seed_cnn_forward_backward() -> None:

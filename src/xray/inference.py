@@ -45,7 +45,7 @@ from xray.data.encoding import SourceEncoding, match_file_encoding
 from xray.data.io import ImageInfo, ImageReadError, read_image_info
 from xray.data.records import find_images
 from xray.gradcam import GradCam, write_gradcam
-from xray.module import flip_tta_logits
+from xray.models import flip_tta_logits
 from xray.ood import combine_scores, logits_and_features
 from xray.runtime import keep_freed_memory
 from xray.transforms import rescale, resize_image

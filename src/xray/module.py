@@ -25,6 +25,7 @@ from torchmetrics.utilities import dim_zero_cat
 from xray.constants import CHECKPOINT_KEY, CLASSES
 from xray.conv_grad import use_nchw_weight_grad, wants_nchw_weight_grad
 from xray.errors import UserError
+from xray.models import flip_tta_logits
 
 CHECKPOINT_FORMAT = 1
 
@@ -115,11 +116,6 @@ class FiniteLossGuard:
                 "Lower the learning rate or check the input data."
             )
             raise self.error
-
-
-def flip_tta_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mean logit over the image and its left-right mirror (a plausible film; upside-down ones are not)."""
-    return (net(x) + net(x.flip(-1))) / 2
 
 
 class XRayClassifier(LightningModule):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from xray.models.backbones import TorchvisionNet
 from xray.models.efficientnet_lite import EfficientNetLite
@@ -17,6 +17,11 @@ NETS: dict[str, type[nn.Module]] = {
     "TorchvisionNet": TorchvisionNet,
     "EfficientNetLite": EfficientNetLite,
 }
+
+
+def flip_tta_logits(net: nn.Module, x: Tensor) -> Tensor:
+    """Mean logit over the image and its left-right mirror (a plausible film; upside-down ones are not)."""
+    return (net(x) + net(x.flip(-1))) / 2
 
 
 def build_net(config: dict[str, Any]) -> nn.Module:
@@ -32,4 +37,4 @@ def build_net(config: dict[str, Any]) -> nn.Module:
     return NETS[name](**config)
 
 
-__all__ = ["NETS", "EfficientNetLite", "SeedCNN", "TorchvisionNet", "build_net"]
+__all__ = ["NETS", "EfficientNetLite", "SeedCNN", "TorchvisionNet", "build_net", "flip_tta_logits"]
