@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from xray.checkpoints import load_checkpoint_file, load_model
+from xray.checkpoints import CheckpointError, load_checkpoint_file, load_model
 
 
 def test_run_directory_contents(trained_run: Path) -> None:
@@ -113,5 +113,5 @@ def test_evaluate_only_needs_a_checkpoint(session_dataset: Path, tmp_path: Path)
 
     with pytest.raises(ValueError, match="evaluate_only=true needs ckpt_path"):
         run_training(session_dataset, tmp_path / "a", ["evaluate_only=true"])
-    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         run_training(session_dataset, tmp_path / "b", ["evaluate_only=true", f"ckpt_path={tmp_path}/x.ckpt"])

@@ -52,7 +52,8 @@ def shipped_model_candidates() -> list[Path]:
     return list(dict.fromkeys(candidates))
 
 
-PRETRAINED_PATH = next((p for p in shipped_model_candidates() if p.exists()), shipped_model_candidates()[0])
+_CANDIDATES = shipped_model_candidates()
+PRETRAINED_PATH = next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[0])
 MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 1
 

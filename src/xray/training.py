@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
-from xray.config_checks import validate_config
+from xray.config_checks import ConfigError, validate_config
 from xray.cv import PREDICTIONS_FILE, SHIFT_PREDICTIONS_FILE
 from xray.evaluation import (
     choose_threshold,
@@ -55,11 +55,9 @@ def adopt_checkpoint(ckpt_path: str | None, output_dir: Path) -> Path:
     here exactly as at the end of training.
     """
     if not ckpt_path:
-        raise ValueError("evaluate_only=true needs ckpt_path=CHECKPOINT (the weights to evaluate)")
+        raise ConfigError("evaluate_only=true needs ckpt_path=CHECKPOINT (the weights to evaluate)")
     source = Path(ckpt_path).expanduser()
-    if not source.is_file():
-        raise FileNotFoundError(f"ckpt_path={source}: no such checkpoint file")
-    load_checkpoint_file(source)  # the safe loader: refuse anything that is not plain tensors and data
+    load_checkpoint_file(source)  # the safe loader: a missing, unsafe or foreign file is a CheckpointError
     target = output_dir / "checkpoints" / "best_xray_model.ckpt"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
