@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.cv import CVError, aggregate, find_fold_runs, main, write_cv_report
-from xray.evaluation import choose_threshold, classification_metrics, evaluate
+from xray.metrics import choose_threshold, classification_metrics, evaluate
 
 N_BOOT = 50  # bootstrap resamples: enough to exercise the CIs, fast on two cores
 

@@ -30,7 +30,6 @@ from tests.odd_files import (
 from xray.checkpoints import CheckpointError, load_checkpoint_file, load_model
 from xray.config_checks import ConfigError
 from xray.data.io import ImageInfo
-from xray.evaluation import classification_metrics
 from xray.gradcam import GradCam, last_conv2d
 from xray.inference import (
     CSV_COLUMNS,
@@ -45,6 +44,7 @@ from xray.inference import (
     resolve_device,
     run_predict,
 )
+from xray.metrics import classification_metrics
 
 # the files of make_odd_files that a folder scan picks up (the directory is skipped, the .xyz ignored)
 ODD_IN_FOLDER = {"zero_byte", "truncated_jpeg", "text_as_png", "bomb_png", "dicom_no_pixels"}

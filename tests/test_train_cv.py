@@ -90,7 +90,7 @@ def test_cv_shift_youden_pools_the_shifted_predictions(fold_runs: list[Path], tm
     import torch
 
     from xray.calibration import apply_temperature
-    from xray.evaluation import choose_threshold
+    from xray.metrics import choose_threshold
 
     assert (
         cv_main([str(p) for p in fold_runs] + ["--out", str(tmp_path), "--threshold-rule", "shift_youden"])

@@ -30,16 +30,8 @@ from torch import Tensor
 
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import CheckpointError
-from xray.evaluation import (
-    ECE_BINS,
-    REPORT_ROWS,
-    THRESHOLD_FREE,
-    THRESHOLD_RULES,
-    choose_threshold,
-    classification_metrics,
-    evaluate,
-    write_metrics_json,
-)
+from xray.metrics import ECE_BINS, THRESHOLD_RULES, choose_threshold, classification_metrics, evaluate
+from xray.report import REPORT_ROWS, THRESHOLD_FREE, write_metrics_json
 
 __all__ = [
     "FOLD_METRICS",

@@ -446,7 +446,7 @@ def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Pa
 
 def label_metrics(rows: Sequence[PredictionRow], threshold: float) -> dict[str, Any] | None:
     """Clinical metrics over the predicted rows whose folder names their class; None when there are none."""
-    from xray.evaluation import classification_metrics
+    from xray.metrics import classification_metrics
 
     labeled = [r for r in rows if r.ok and r.true_label is not None]
     if not labeled:
@@ -629,7 +629,7 @@ def run_predict(cfg: Any) -> int:
     print(f"predictions: {csv_path}")
     metrics = label_metrics(rows, threshold)
     if metrics is not None:
-        from xray.evaluation import write_metrics_json
+        from xray.report import write_metrics_json
 
         metrics_path = write_metrics_json(
             csv_path.parent / "metrics.json",

@@ -273,7 +273,7 @@ class XRayClassifier(LightningModule):
 
     def _log_clinical(self, prefix: str) -> None:
         """Sensitivity, specificity, PPV, NPV, F1, AP, Brier, ECE at the current threshold, per epoch."""
-        from xray.evaluation import classification_metrics
+        from xray.metrics import classification_metrics
 
         probs, labels, _ = self.collected()
         if probs.numel() == 0 or self.trainer.sanity_checking:

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-from xray.evaluation import (
-    CLASS_NAMES,
+from xray.constants import CLASSES
+from xray.metrics import (
     ECE_BINS,
     classification_metrics,
     expected_calibration_error,
@@ -241,8 +241,8 @@ def make_confusion_matrix_figure(
                 fontsize=12,
                 color="white" if share[r, c] > 0.5 else "black",
             )
-    ax.set_xticks([0, 1], labels=list(CLASS_NAMES))
-    ax.set_yticks([0, 1], labels=list(CLASS_NAMES), rotation=90, va="center")
+    ax.set_xticks([0, 1], labels=list(CLASSES))
+    ax.set_yticks([0, 1], labels=list(CLASSES), rotation=90, va="center")
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     ax.set_title(title)
@@ -255,7 +255,7 @@ def make_calibration_figure(
     probs: _ArrayLike, labels: _ArrayLike, n_bins: int = 10, title: str = "Calibration"
 ) -> Figure:
     """Reliability diagram (``n_bins`` equal-width bins) over a histogram of predicted p(PNEUMONIA) per
-    class; the ECE in its legend is the report's (:func:`xray.evaluation.expected_calibration_error`)."""
+    class; the ECE in its legend is the report's (:func:`xray.metrics.expected_calibration_error`)."""
     p, y = prepare_probs_labels(probs, labels)
     pn, yn = p.double().numpy(), y.numpy()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -283,7 +283,7 @@ def make_calibration_figure(
         bins=edges,
         stacked=True,
         color=["tab:cyan", "tab:red"],
-        label=[f"true {CLASS_NAMES[0]}", f"true {CLASS_NAMES[1]}"],
+        label=[f"true {CLASSES[0]}", f"true {CLASSES[1]}"],
     )
     hist.set_xlabel("predicted p(PNEUMONIA)")
     hist.set_ylabel("cases")
@@ -348,7 +348,7 @@ def make_mistakes_figure(
     for ax, i in zip(axes, chosen, strict=False):
         ax.imshow(_to_display(images[i]), cmap="gray", vmin=0.0, vmax=1.0)
         ax.set_title(
-            f"{_short(str(names[i]))}\ntrue {CLASS_NAMES[int(y[i])]}, p(PNEU)={float(p[i]):.3f}", fontsize=8
+            f"{_short(str(names[i]))}\ntrue {CLASSES[int(y[i])]}, p(PNEU)={float(p[i]):.3f}", fontsize=8
         )
         ax.set_axis_off()
     for ax in axes[len(chosen) :]:

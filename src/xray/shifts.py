@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
@@ -269,24 +268,13 @@ def shift_logits(
 
 
 def _binary_metrics(logits: Tensor, labels: Tensor, threshold: float, temperature: float) -> dict[str, float]:
-    z = logits.detach().double().cpu().reshape(-1) / temperature
-    y = labels.detach().cpu().reshape(-1).long()
-    probs = torch.sigmoid(z)
-    pred = probs >= threshold
-    pos, neg = y == 1, y == 0
-    nan = float("nan")
-    sensitivity = float(pred[pos].double().mean()) if pos.any() else nan
-    specificity = float((~pred[neg]).double().mean()) if neg.any() else nan
-    auroc = float(binary_auroc(probs, y)) if pos.any() and neg.any() else nan
-    return {
-        "auroc": auroc,
-        "log_loss": float(F.binary_cross_entropy_with_logits(z, y.double())),
-        "brier": float(((probs - y.double()) ** 2).mean()),
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "accuracy": float((pred == pos).double().mean()),
-        "balanced_accuracy": (sensitivity + specificity) / 2,
-    }
+    from xray.calibration import log_loss
+    from xray.metrics import classification_metrics
+
+    probs = torch.sigmoid(logits.detach().double().cpu().reshape(-1) / temperature)
+    m = classification_metrics(probs, labels, threshold)
+    keep = ("auroc", "brier", "sensitivity", "specificity", "accuracy", "balanced_accuracy")
+    return {"log_loss": log_loss(logits.detach().cpu(), labels.cpu(), temperature), **{k: m[k] for k in keep}}
 
 
 def shift_youden_threshold(
@@ -295,7 +283,7 @@ def shift_youden_threshold(
     """Youden's J on the clean and shifted scores pooled (the ``shift_youden`` rule): an operating point
     that holds when acquisition changes, where a clean-only one sits anywhere in a wide gap."""
     from xray.calibration import apply_temperature
-    from xray.evaluation import choose_threshold
+    from xray.metrics import choose_threshold
 
     pooled = torch.cat([z.reshape(-1) for z in logits_by_shift.values()])
     probs = apply_temperature(pooled, temperature)

@@ -19,14 +19,8 @@ from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
 from xray.config_checks import ConfigError, validate_config
 from xray.cv import PREDICTIONS_FILE, SHIFT_PREDICTIONS_FILE
-from xray.evaluation import (
-    choose_threshold,
-    classification_metrics,
-    evaluate,
-    write_metrics_json,
-    write_report,
-)
-from xray.reporting import write_plots
+from xray.metrics import choose_threshold, classification_metrics, evaluate
+from xray.report import write_metrics_json, write_plots, write_report
 from xray.runtime import keep_freed_memory, resolve_precision
 
 log = logging.getLogger(__name__)

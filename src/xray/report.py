@@ -1,0 +1,385 @@
+"""What a run writes about its evaluation: metrics.json, report.md and the figures (also to TensorBoard).
+
+The numbers come from :mod:`xray.metrics`; this module only renders and stores them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xray import plots
+from xray.atomic import atomic_write_text
+from xray.constants import CLASSES
+from xray.metrics import ECE_BINS, classification_metrics
+
+__all__ = ["ANCHORS", "PLOT_FILES", "render_report", "write_metrics_json", "write_plots", "write_report"]
+
+# Published figures on the official 624-image test split (234 NORMAL / 390 PNEUMONIA), so a run's
+# test numbers can be read against them. None = not reported by the source.
+ANCHORS: list[dict[str, Any]] = [
+    {
+        "name": "Keras original",
+        "source": "the Keras notebook this project ports",
+        "model": "Keras CNN",
+        "accuracy": 0.87,
+        "sensitivity": None,
+        "specificity": None,
+        "auroc": None,
+        "note": "selected on the test split (leakage): optimistic",
+    },
+    {
+        "name": "Kermany et al. 2018",
+        "source": "Cell 172(5):1122-1131",
+        "model": "Inception-v3, ImageNet transfer",
+        "accuracy": 0.928,
+        "sensitivity": 0.932,
+        "specificity": 0.901,
+        "auroc": 0.968,
+        "note": "",
+    },
+    {
+        "name": "MedMNIST+ (PneumoniaMNIST)",
+        "source": "Doerrich et al. 2024, MedMNIST+ benchmark",
+        "model": "ResNet-18, 224 px, end-to-end (best)",
+        "accuracy": 0.911,
+        "sensitivity": None,
+        "specificity": None,
+        "auroc": 0.980,
+        "note": "",
+    },
+    {
+        "name": "Majority class",
+        "source": "baseline",
+        "model": "always PNEUMONIA",
+        "accuracy": 0.625,
+        "sensitivity": 1.0,
+        "specificity": 0.0,
+        "auroc": 0.5,
+        "note": "390/624: the floor any model must beat",
+    },
+]
+
+# Plot files a run directory may hold, in report order, with their captions.
+PLOT_FILES: tuple[tuple[str, str], ...] = (
+    ("curves.png", "Training curves"),
+    ("roc.png", "ROC"),
+    ("pr.png", "Precision-recall"),
+    ("confusion_matrix.png", "Confusion matrix"),
+    ("calibration.png", "Calibration"),
+    ("mistakes.png", "Most confident mistakes"),
+)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types; nan/inf -> None (strict JSON has no nan)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, Tensor):
+        return _jsonable(obj.item() if obj.numel() == 1 else obj.tolist())
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def write_metrics_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
+    """metrics.json: sorted keys, nan -> null, written atomically. Returns the path."""
+    path = Path(path)
+    text = json.dumps(_jsonable(payload), sort_keys=True, indent=2, allow_nan=False) + "\n"
+    atomic_write_text(path, text)
+    return path
+
+
+REPORT_ROWS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "Accuracy"),
+    ("auroc", "AUROC"),
+    ("sensitivity", "Sensitivity (recall PNEUMONIA)"),
+    ("specificity", "Specificity"),
+    ("ppv", "PPV (precision)"),
+    ("npv", "NPV"),
+    ("f1", "F1"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("average_precision", "Average precision"),
+    ("brier", "Brier score"),
+    ("ece", f"ECE ({ECE_BINS} bins)"),
+)
+THRESHOLD_FREE = frozenset({"auroc", "average_precision", "brier", "ece"})
+_SPLIT_ORDER = ("train", "val", "test")
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    x = float(x)
+    return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _pct(x: Any) -> str:
+    if x is None or math.isnan(float(x)):
+        return "–"
+    return f"{100 * float(x):.1f}".removesuffix(".0")
+
+
+def _cell(value: Any, ci: Sequence[Any] | None) -> str:
+    text = _num(value)
+    if ci is not None and text != "n/a" and ci[0] is not None and ci[1] is not None:
+        lo, hi = float(ci[0]), float(ci[1])
+        if not (math.isnan(lo) or math.isnan(hi)):
+            text += f" ({lo:.3f}-{hi:.3f})"
+    return text
+
+
+def _ordered(keys: Sequence[str]) -> list[str]:
+    return sorted(keys, key=lambda k: (_SPLIT_ORDER.index(k) if k in _SPLIT_ORDER else len(_SPLIT_ORDER), k))
+
+
+def _md_escape(x: Any) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def render_report(
+    *,
+    results: Mapping[str, Mapping[str, Any]] | None = None,
+    counts: Mapping[str, Mapping[str, int]] | None = None,
+    config: Mapping[str, Any] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    title: str = "Chest X-ray classifier: run report",
+    test_used_for_selection: bool = False,
+) -> str:
+    """report.md text for one run.
+
+    ``results``: split name -> :func:`evaluate` payload (``val``, ``test``; others allowed).
+    ``counts``: split -> {"NORMAL": n, "PNEUMONIA": m}. ``config``: flat dict of the settings that
+    matter. ``run_dir``: where plots are looked for (only existing PNGs are embedded, by relative
+    name, so report.md must sit in ``run_dir``). Missing pieces are stated, not crashed on.
+    """
+    results = dict(results or {})
+    lines: list[str] = [f"# {title}", ""]
+
+    # -- data
+    lines += ["## Data", ""]
+    if counts:
+        lines += ["| split | NORMAL | PNEUMONIA | total | % PNEUMONIA |", "|---|---:|---:|---:|---:|"]
+        for split in _ordered(list(counts)):
+            c = counts[split]
+            neg, pos = int(c.get(CLASSES[0], 0)), int(c.get(CLASSES[1], 0))
+            tot = neg + pos
+            share = f"{100 * pos / tot:.1f}" if tot else "n/a"
+            lines.append(f"| {split} | {neg} | {pos} | {tot} | {share} |")
+        if "test" not in counts:
+            lines += ["", "No test split in this run."]
+    else:
+        lines.append("Data counts were not recorded.")
+    lines.append("")
+
+    # -- config
+    lines += ["## Configuration", ""]
+    if config:
+        lines += ["| setting | value |", "|---|---|"]
+        lines += [f"| {_md_escape(k)} | {_md_escape(v)} |" for k, v in config.items()]
+    else:
+        lines.append("Configuration was not recorded.")
+    lines.append("")
+
+    # -- metrics
+    lines += ["## Metrics", ""]
+    evaluated = [s for s in results if isinstance(results[s], Mapping) and "at_threshold" in results[s]]
+    splits = _ordered([s for s in evaluated if s != "train"]) or _ordered(evaluated)
+    if splits:
+        header, columns = ["metric"], []
+        for split in splits:
+            r = results[split]
+            t = r.get("threshold")
+            header += [f"{split} @ 0.5", f"{split} @ {_num(t)}" if t is not None else f"{split} @ threshold"]
+            columns += [(r, "at_0.5"), (r, "at_threshold")]
+        lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        for key, label in REPORT_ROWS:
+            cells = []
+            for r, which in columns:
+                ci_all = r.get("ci") or {}
+                thresh = r.get("threshold")
+                # CIs are computed at the chosen threshold; threshold-free metrics' CIs hold at 0.5 too.
+                use_ci = which == "at_threshold" or key in THRESHOLD_FREE or thresh == 0.5
+                cells.append(_cell((r.get(which) or {}).get(key), ci_all.get(key) if use_ci else None))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        confusion = []
+        for r, which in columns:
+            m = r.get(which) or {}
+            confusion.append("/".join(str(m.get(k, "?")) for k in ("tn", "fp", "fn", "tp")))
+        lines.append("| TN/FP/FN/TP | " + " | ".join(confusion) + " |")
+        boot = next((results[s].get("bootstrap") for s in splits if results[s].get("bootstrap")), None)
+        ci_note = "Intervals: percentile bootstrap over cases"
+        if boot:
+            ci_note += f" ({boot.get('n_boot')} resamples, seed {boot.get('seed')}, {100 * (1 - float(boot.get('alpha', 0.05))):.0f}%)"
+        lines += ["", ci_note + "; PNEUMONIA is the positive class; a case is positive when p >= threshold."]
+        if "test" not in results:
+            lines += ["", "The test split was not evaluated in this run."]
+    else:
+        lines.append("No evaluation results were given.")
+    lines.append("")
+    calibration = results.get("calibration")
+    if calibration:
+        lines += [
+            "## Calibration (temperature scaling on validation)",
+            "",
+            f"Temperature {_num(calibration.get('temperature'))}: validation log loss "
+            f"{_num(calibration.get('log_loss_before'))} -> {_num(calibration.get('log_loss_after'))}, "
+            f"ECE {_num(calibration.get('ece_before'))} -> {_num(calibration.get('ece_after'))}. "
+            "Probabilities above are calibrated; the ranking (AUROC) is unchanged.",
+            "",
+        ]
+    if results.get("val_shift"):
+        from xray.shifts import render_shift_table
+
+        lines += ["## Shift validation", "", render_shift_table(results["val_shift"]), ""]
+
+    # -- anchors
+    lines += [
+        "## Published anchors (official 624-image test split)",
+        "",
+        "| reference | model | accuracy (%) | sensitivity (%) | specificity (%) | AUROC | note |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for a in ANCHORS:
+        lines.append(
+            f"| {a['name']} ({a['source']}) | {a['model']} | {_pct(a['accuracy'])} | {_pct(a['sensitivity'])} "
+            f"| {_pct(a['specificity'])} | {_num(a['auroc']) if a['auroc'] is not None else '–'} | {a['note']} |"
+        )
+    if "test" in results:
+        m = results["test"].get("at_threshold") or {}
+        lines.append(
+            f"| **this run** (test @ {_num(results['test'].get('threshold'))}) | {_md_escape((config or {}).get('model', ''))} "
+            f"| {_pct(m.get('accuracy'))} | {_pct(m.get('sensitivity'))} | {_pct(m.get('specificity'))} "
+            f"| {_num(m.get('auroc'))} | |"
+        )
+    lines.append("")
+    if test_used_for_selection:
+        lines.append(
+            "Note: this run used the official test split for a selection decision, so its test numbers are "
+            "optimistic, like the Keras original's (which selected on the test split)."
+        )
+    else:
+        lines.append(
+            "Note: the official test split was never used for selection here (model, epoch and threshold "
+            "were chosen on validation data); the Keras original selected on the test split, so its 87% is optimistic."
+        )
+    lines.append("")
+
+    # -- plots
+    lines += ["## Plots", ""]
+    present = []
+    if run_dir is not None:
+        base = Path(run_dir)
+        present = [(f, cap) for f, cap in PLOT_FILES if (base / f).is_file()]
+    if present:
+        for fname, caption in present:
+            lines += [f"### {caption}", "", f"![{caption}]({fname})", ""]
+    else:
+        lines += ["No plots were written for this run.", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_report(
+    run_dir: str | os.PathLike[str],
+    *,
+    results: Mapping[str, Mapping[str, Any]] | None = None,
+    counts: Mapping[str, Mapping[str, int]] | None = None,
+    config: Mapping[str, Any] | None = None,
+    title: str = "Chest X-ray classifier: run report",
+    test_used_for_selection: bool = False,
+    filename: str = "report.md",
+) -> Path:
+    """Render and atomically write ``run_dir/report.md`` (plots referenced relative to it)."""
+    run_dir = Path(run_dir)
+    text = render_report(
+        results=results,
+        counts=counts,
+        config=config,
+        run_dir=run_dir,
+        title=title,
+        test_used_for_selection=test_used_for_selection,
+    )
+    path = run_dir / filename
+    atomic_write_text(path, text)
+    return path
+
+
+def _log_figure(loggers: list[Any], tag: str, fig: Any) -> None:
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):
+            experiment.add_figure(tag, fig, close=False)
+
+
+def write_plots(
+    run_dir: Path,
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    threshold: float,
+    loggers: list[Any],
+    datamodule: Any,
+    mistakes: int = 16,
+) -> list[Path]:
+    """roc.png, pr.png, confusion_matrix.png, calibration.png, mistakes.png (validation)."""
+    curves = {split: (p, y) for split, (p, y, _) in splits.items() if p.numel()}
+    if not curves:
+        return []
+    thresholds = dict.fromkeys(curves, threshold)
+    figures: dict[str, Any] = {
+        "roc": plots.make_roc_figure(curves, thresholds=thresholds),
+        "pr": plots.make_pr_figure(curves, thresholds=thresholds),
+    }
+    main_split = "test" if "test" in curves else "val"
+    m = classification_metrics(*curves[main_split], threshold)
+    figures["confusion_matrix"] = plots.make_confusion_matrix_figure(
+        int(m["tn"]),
+        int(m["fp"]),
+        int(m["fn"]),
+        int(m["tp"]),
+        title=f"Confusion matrix ({main_split}, threshold {threshold:.3f})",
+    )
+    figures["calibration"] = plots.make_calibration_figure(
+        *curves["val" if "val" in curves else main_split], title="Calibration (validation)"
+    )
+    if "val" in splits and mistakes > 0:
+        probs, labels, index = splits["val"]
+        wrong = torch.nonzero((probs >= threshold).long() != labels).reshape(-1)
+        order = wrong  # all of them, so the figure can say how many there are; it shows the top k
+        if order.numel() == 0:  # the figure then says there were no mistakes
+            order = torch.arange(probs.numel())
+            images = torch.zeros(probs.numel(), 1, 8, 8, dtype=torch.uint8)
+        else:
+            dataset = datamodule.datasets["val"]
+            images = torch.stack([dataset.image(i) for i in index[order].tolist()])
+        names = [datamodule.datasets["val"].records[i].path.name for i in index[order].tolist()]
+        figures["mistakes"] = plots.make_mistakes_figure(
+            images,
+            probs[order],
+            labels[order],
+            names,
+            k=mistakes,
+            threshold=threshold,
+            title="Most confident validation mistakes",
+        )
+    written = []
+    for name, fig in figures.items():
+        _log_figure(loggers, f"eval/{name}", fig)
+        written.append(plots.save_figure(fig, run_dir / f"{name}.png"))
+    return written
