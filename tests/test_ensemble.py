@@ -231,7 +231,7 @@ def test_bad_temperature_exits_2_through_predict(
 
 # ---------------------------------------------------------------------------------------------- manifest
 def test_manifest_threshold_and_temperature_are_used(
-    nets: dict[str, SeedCNN], images: list[Path], tmp_path: Path, capsys
+    nets: dict[str, SeedCNN], images: list[Path], tmp_path: Path, caplog
 ) -> None:
     folder = tmp_path / "ensemble"
     a = save_ckpt(folder / "fold0.ckpt", nets["a"], threshold=0.9, temperature=3.0)
@@ -260,7 +260,7 @@ def test_manifest_threshold_and_temperature_are_used(
     assert max_diff(probs, torch.sigmoid(logits.mean(dim=1) / 1.7)) < 1e-6  # CSV has 8 decimals
     assert {float(r["threshold"]) for r in csv_rows} == {0.35}
     assert [r["label"] for r in csv_rows] == [CLASSES[int(p >= 0.35)] for p in probs.tolist()]
-    stdout = capsys.readouterr().out
+    stdout = caplog.text
     assert f"checkpoint: {folder} (ensemble of 2 from {MANIFEST_NAME})" in stdout
     assert "threshold 0.3500 (from ensemble.json); temperature 1.7000" in stdout
     assert "image size 32px (bilinear) + 24px (bilinear)" in stdout

@@ -141,7 +141,7 @@ def mixed_folder(session_dataset: Path, tmp_path: Path) -> Path:
     ],
 )
 def test_ckpt_resolution(
-    spec: str, expected: str, log_dir: Path, few_images: Path, tmp_path: Path, capsys
+    spec: str, expected: str, log_dir: Path, few_images: Path, tmp_path: Path, caplog
 ) -> None:
     spec = {
         "RUN_DIR": str(log_dir / "train/runs/2024-01-01_00-00-00"),
@@ -151,7 +151,7 @@ def test_ckpt_resolution(
         tmp_path / "out", [f"ckpt={spec}", f"input={few_images}", f"paths.log_dir={log_dir}"]
     )
     assert run_predict(cfg) == EXIT_OK
-    assert f"checkpoint: {log_dir / expected}\n" in capsys.readouterr().out
+    assert f"checkpoint: {log_dir / expected}\n" in caplog.text
 
 
 def test_ckpt_pretrained_missing_is_a_clear_error(
@@ -215,7 +215,7 @@ def test_input_list_file(tmp_path: Path) -> None:
         collect_inputs(empty)
 
 
-def test_list_file_rows_predicted_or_failed_in_order(best_ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_list_file_rows_predicted_or_failed_in_order(best_ckpt: Path, tmp_path: Path, caplog) -> None:
     good = png(tmp_path / "good.png")
     listing = tmp_path / "list.txt"
     listing.write_text("good.png\nmissing.png\nodd.xyz\n")
@@ -227,7 +227,7 @@ def test_list_file_rows_predicted_or_failed_in_order(best_ckpt: Path, tmp_path: 
     assert rows[0]["error"] == "" and rows[0]["prob_pneumonia"]
     assert rows[1]["error"] == "file not found"
     assert "unsupported file type '.xyz'" in rows[2]["error"]
-    assert "predicted 1, failed 2 (of 3 files)" in capsys.readouterr().out
+    assert "predicted 1, failed 2 (of 3 files)" in caplog.text
 
 
 @pytest.mark.parametrize("what", ["missing", "empty_folder", "empty_glob"])
@@ -244,12 +244,12 @@ def test_input_errors_exit_2_with_message(what: str, best_ckpt: Path, tmp_path: 
 
 
 def test_default_input_is_data_root_test_with_metrics(
-    best_ckpt: Path, session_dataset: Path, tmp_path: Path, capsys
+    best_ckpt: Path, session_dataset: Path, tmp_path: Path, caplog
 ) -> None:
     out = tmp_path / "out"
     cfg = predict_config(out, [f"ckpt={best_ckpt}", f"data.root={session_dataset}"])
     assert run_predict(cfg) == EXIT_OK
-    stdout = capsys.readouterr().out
+    stdout = caplog.text
     assert f"input: {session_dataset / 'test'} (20 files)" in stdout
     columns, rows = read_csv(out / "preds.csv")
     assert len(rows) == 20
@@ -283,7 +283,9 @@ def test_class_from_path() -> None:
 
 
 # ---------------------------------------------------------------------------------- CSV and exit codes
-def test_csv_rows_columns_and_exit_3(best_ckpt: Path, mixed_folder: Path, tmp_path: Path, capsys) -> None:
+def test_csv_rows_columns_and_exit_3(
+    best_ckpt: Path, mixed_folder: Path, tmp_path: Path, capsys, caplog
+) -> None:
     out = tmp_path / "out"
     assert (
         run_cli(out, [f"ckpt={best_ckpt}", f"input={mixed_folder}", "batch_size=4", "show=3"])
@@ -307,9 +309,8 @@ def test_csv_rows_columns_and_exit_3(best_ckpt: Path, mixed_folder: Path, tmp_pa
         assert 0.0 <= prob <= 1.0
         assert row["label"] == ("PNEUMONIA" if prob >= threshold else "NORMAL")
         assert float(row["threshold"]) == pytest.approx(threshold)
-    stdout = capsys.readouterr().out
-    assert "predicted 3, failed 5 (of 8 files)" in stdout
-    assert "... 5 more rows in the CSV" in stdout  # show=3
+    assert "predicted 3, failed 5 (of 8 files)" in caplog.text  # status lines are logged
+    assert "... 5 more rows in the CSV" in capsys.readouterr().out  # show=3: the table is stdout
     # metrics: the good files sit in a folder that is not named by class
     assert not (out / "metrics.json").exists()
 
@@ -590,7 +591,7 @@ def test_predict_py_refuses_malicious_checkpoint(few_images: Path, tmp_path: Pat
 
 
 # ------------------------------------------------------------------- OOD score, warnings, new formats
-def test_ood_score_and_warning_columns(best_ckpt: Path, few_images: Path, tmp_path: Path, capsys) -> None:
+def test_ood_score_and_warning_columns(best_ckpt: Path, few_images: Path, tmp_path: Path, caplog) -> None:
     """Odd inputs are still predicted, and say why they are odd; the summary counts the warnings."""
     folder = tmp_path / "odd_inputs"
     shutil.copytree(few_images, folder)
@@ -600,7 +601,7 @@ def test_ood_score_and_warning_columns(best_ckpt: Path, few_images: Path, tmp_pa
     frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
     out = tmp_path / "out"
     assert run_cli(out, [f"ckpt={best_ckpt}", f"input={folder}"]) == EXIT_OK
-    printed = capsys.readouterr().out
+    printed = caplog.text
     columns, rows = read_csv(out / "preds.csv")
     assert columns[-3:] == ["ood_score", "warning", "error"]
     by_name = {Path(r["path"]).name: r for r in rows}
@@ -628,7 +629,7 @@ def test_warning_limits_are_settings(best_ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_checkpoint_without_ood_stats_still_predicts(
-    best_ckpt: Path, few_images: Path, tmp_path: Path, capsys
+    best_ckpt: Path, few_images: Path, tmp_path: Path, caplog
 ) -> None:
     checkpoint = load_checkpoint_file(best_ckpt)
     del checkpoint["xray"]["ood"]
@@ -636,7 +637,7 @@ def test_checkpoint_without_ood_stats_still_predicts(
     torch.save(checkpoint, old)
     out = tmp_path / "out"
     assert run_cli(out, [f"ckpt={old}", f"input={few_images}"]) == EXIT_OK
-    assert "has no OOD statistics" in capsys.readouterr().out
+    assert "has no OOD statistics" in caplog.text
     _, rows = read_csv(out / "preds.csv")
     assert all(r["prob_pneumonia"] and r["ood_score"] == "" for r in rows)
     rows_off = predict_files(load_model(best_ckpt), collect_inputs(few_images), device="cpu", ood=False)

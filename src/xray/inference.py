@@ -572,7 +572,7 @@ def run_predict(cfg: Any) -> int:
     _check_settings(cfg)
     keep_freed_memory()
     predictor = load_predictor(_ckpt_spec(cfg.ckpt), cfg.log_dir)
-    print(f"checkpoint: {predictor.source}")
+    log.info("checkpoint: %s", predictor.source)
     if cfg.get("input") is None:
         default = Path(str(cfg.data.root)).expanduser() / "test"
         if not default.is_dir():
@@ -590,21 +590,28 @@ def run_predict(cfg: Any) -> int:
     source = predictor.threshold_source if cfg.get("threshold") is None else "threshold="
     calibration = "" if predictor.temperature == 1.0 else f"; temperature {predictor.temperature:.4f}"
     match = bool(cfg.get("match_encoding", True))
-    print(
-        f"input: {input_spec} ({len(paths)} files); {_describe_preprocessing(predictor, match)}; "
-        f"device {device}; threshold {threshold:.4f} (from {source}){calibration}"
+    log.info(
+        "input: %s (%d files); %s; device %s; threshold %.4f (from %s)%s",
+        input_spec,
+        len(paths),
+        _describe_preprocessing(predictor, match),
+        device,
+        threshold,
+        source,
+        calibration,
     )
     use_ood = bool(cfg.get("ood", True))
     if use_ood and predictor.ood_stats is None:
-        print(
+        log.info(
             "ood_score: the checkpoint has no OOD statistics (older checkpoint); fit them with "
             "`python -m xray.ood ckpt=... data.root=...`; size, aspect and frame warnings still apply"
         )
     elif use_ood:
         stats = predictor.ood_stats or []
-        print(
-            f"ood_score: flagged above {predictor.ood_threshold:.2f} (accepts {100 * stats[0].acceptance:.0f}% "
-            "of validation films per member)"
+        log.info(
+            "ood_score: flagged above %.2f (accepts %.0f%% of validation films per member)",
+            predictor.ood_threshold,
+            100 * stats[0].acceptance,
         )
     rows = predict_files(
         predictor,
@@ -623,10 +630,10 @@ def run_predict(cfg: Any) -> int:
     write_csv(rows, csv_path)
     n_failed = sum(1 for r in rows if not r.ok)
     for line in format_table(rows, cfg.show):
-        print(line)
-    print(f"predicted {len(rows) - n_failed}, failed {n_failed} (of {len(rows)} files)")
-    print(warning_summary(rows))
-    print(f"predictions: {csv_path}")
+        print(line)  # the table is the command's output (stdout); the status lines are logged
+    log.info("predicted %d, failed %d (of %d files)", len(rows) - n_failed, n_failed, len(rows))
+    log.info("%s", warning_summary(rows))
+    log.info("predictions: %s", csv_path)
     metrics = label_metrics(rows, threshold)
     if metrics is not None:
         from xray.report import write_metrics_json
@@ -635,14 +642,14 @@ def run_predict(cfg: Any) -> int:
             csv_path.parent / "metrics.json",
             {"checkpoint": predictor.source, "input": input_spec, **metrics},
         )
-        print(
+        log.info(
             f"metrics on {metrics['n']} files labelled by their NORMAL/PNEUMONIA folder: "
             f"accuracy {_fmt_metric(metrics['accuracy'])}, sensitivity {_fmt_metric(metrics['sensitivity'])}, "
             f"specificity {_fmt_metric(metrics['specificity'])}, AUROC {_fmt_metric(metrics['auroc'])} "
             f"-> {metrics_path}"
         )
     if cfg.get("gradcam"):
-        print(f"grad-cam overlays: {csv_path.parent / 'gradcam'}")
+        log.info("grad-cam overlays: %s", csv_path.parent / "gradcam")
     if n_failed:
         log.warning(
             "%d of %d files could not be read; see the error column of %s", n_failed, len(rows), csv_path
