@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import compose_config, run_script
-from xray.config_checks import ConfigError, validate_config
+from xray.config_checks import ConfigError, instantiate, validate_config
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,10 @@ def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
         ("data.image_size=-5", "data.image_size"),
         ("data.batch_size=0", "data.batch_size"),
         ("data.image_size=big", "data.image_size"),
-        ("data.augment.zoom_range=1.5", "data.augment.zoom_range"),
+        ("data.augment.zoom_range=1.5", "data.augment: zoom_range"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.interpolation=lanczos", "data.interpolation"),
+        ("model.label_smoothing=1.0", "model.label_smoothing"),
         ("data.val_fraction=0", "data.val_fraction"),
         ("model.optimizer.lr=-1", "model.optimizer.lr"),
         ("evaluation.threshold_rule=magic", "evaluation.threshold_rule"),
@@ -89,9 +92,12 @@ def test_pneumoniamnist_data_config(tmp_path: Path) -> None:
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, override: str, key: str) -> None:
+    """Each bad value fails before any data is read: in validate_config or in its own constructor."""
     cfg = compose_config(tmp_path / "data", tmp_path / "run", [override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
+        instantiate(cfg.data)
+        instantiate(cfg.model)
 
 
 def run_train(*args: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:

@@ -1,4 +1,8 @@
-"""Reject a bad configuration before any data is read, naming the offending key."""
+"""Reject a bad configuration before any data is read, naming the offending key.
+
+The data module and the LightningModule check their own arguments (with :func:`require`) when
+:func:`instantiate` builds them, before any file is read; ``RULES`` covers only the keys nothing
+instantiates, and :func:`validate_config` the unknown keys under every ``_target_``."""
 
 from __future__ import annotations
 
@@ -17,76 +21,45 @@ class ConfigError(UserError, ValueError):
     """A config key with an unknown name, a wrong type or an impossible value."""
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
+def is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _zoom_ok(v: Any) -> bool:
-    if _is_num(v):
-        return 0 <= v < 1
-    if isinstance(v, (list, tuple, ListConfig)) and len(v) == 2 and all(_is_num(x) for x in v):
-        return 0 < v[0] <= v[1]
-    return False
+def require(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Constructors' own checks, in one wording: ``data.batch_size: must be an integer >= 1, got 0``."""
+    if not ok:
+        raise ConfigError(f"{key}: must be {expected}, got {value!r}")
 
 
-def _appearance_keys() -> frozenset[str]:
-    from xray.transforms import appearance_augment_batch
+def instantiate(node: DictConfig) -> Any:
+    """``hydra.utils.instantiate``, with a constructor's user error raised as itself (one ``error:`` line,
+    no traceback) instead of inside Hydra's InstantiationException."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
 
-    return frozenset(inspect.signature(appearance_augment_batch).parameters) - {"images", "generator"}
-
-
-APPEARANCE_KEYS = _appearance_keys()
-APPEARANCE_PROBABILITIES = frozenset(k for k in APPEARANCE_KEYS if k.endswith("_p"))  # blur_p, sharpen_p
-
-
-def _appearance_ok(v: Any) -> bool:
-    if v is None:
-        return True
-    if not isinstance(v, DictConfig):
-        return False
-    return (
-        set(v) <= APPEARANCE_KEYS
-        and all(_is_num(v[k]) and v[k] >= 0 for k in v)
-        and all(v[k] <= 1 for k in APPEARANCE_PROBABILITIES & set(v))
-    )
+    try:
+        return hydra_instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
 
 
-# key -> (check, what it must be)
+# Keys no constructor sees (the optimizer is a partial called only once training starts; the evaluation
+# group is plain settings; the Trainer is Lightning's): key -> (check, what it must be)
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.image_size": (lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
-    "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "data.num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "data.val_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
-    "data.interpolation": (lambda v: v in ("nearest", "bilinear", "bicubic"), "nearest, bilinear or bicubic"),
-    "data.val_source": (lambda v: v in ("split", "official"), "split or official"),
-    "data.train_limit_per_class": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "data.augment.rotation_range": (
-        lambda v: _is_num(v) and 0 <= v <= 180,
-        "a number of degrees in [0, 180]",
-    ),
-    "data.augment.width_shift_range": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "data.augment.height_shift_range": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "data.augment.shear_range": (lambda v: _is_num(v) and v >= 0, "a number of degrees >= 0"),
-    "data.augment.zoom_range": (_zoom_ok, "a number in [0, 1) or a pair [lo, hi] with 0 < lo <= hi"),
-    "data.augment.fill_mode": (lambda v: v == "nearest", "'nearest' (edge replication; the only mode built)"),
-    "data.appearance": (
-        _appearance_ok,
-        f"null or a mapping of {', '.join(sorted(APPEARANCE_KEYS))} to numbers >= 0 "
-        f"({', '.join(sorted(APPEARANCE_PROBABILITIES))} <= 1)",
-    ),
-    "trainer.max_epochs": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),
-    "model.optimizer.lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "model.label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "trainer.max_epochs": (lambda v: is_int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),
+    "model.optimizer.lr": (lambda v: is_num(v) and v > 0, "a number > 0"),
     "evaluation.threshold_rule": (
         lambda v: v in ("youden", "shift_youden", "sensitivity", "fixed"),
         "youden, shift_youden, sensitivity or fixed",
     ),
-    "evaluation.target_sensitivity": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "evaluation.n_bootstrap": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "evaluation.target_sensitivity": (lambda v: is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "evaluation.n_bootstrap": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
 }
 
 

@@ -22,6 +22,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
+from xray.config_checks import is_num, require
 from xray.constants import CHECKPOINT_KEY, CLASSES
 from xray.conv_grad import use_nchw_weight_grad, wants_nchw_weight_grad
 from xray.errors import UserError
@@ -136,14 +137,24 @@ class XRayClassifier(LightningModule):
         threshold: float = 0.5,
     ) -> None:
         super().__init__()
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(
-                f"model.scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
-            )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        if isinstance(pos_weight, str) and pos_weight != "auto":
-            raise ValueError(f"model.pos_weight must be a number, 'auto' or null, got {pos_weight!r}")
+        require(
+            scheduler_interval in ("epoch", "step"),
+            "model.scheduler_interval",
+            "epoch or step",
+            scheduler_interval,
+        )
+        require(
+            is_num(label_smoothing) and 0 <= label_smoothing < 1,
+            "model.label_smoothing",
+            "a number in [0, 1)",
+            label_smoothing,
+        )
+        require(
+            pos_weight is None or pos_weight == "auto" or is_num(pos_weight),
+            "model.pos_weight",
+            "a number, 'auto' or null",
+            pos_weight,
+        )
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.optimizer_factory = optimizer

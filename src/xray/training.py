@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
-from xray.config_checks import ConfigError, validate_config
+from xray.config_checks import ConfigError, instantiate, validate_config
 from xray.cv import PREDICTIONS_FILE, SHIFT_PREDICTIONS_FILE
 from xray.metrics import choose_threshold, classification_metrics, evaluate
 from xray.report import write_metrics_json, write_plots, write_report
@@ -74,9 +74,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_writable(output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate(cfg.data)
     datamodule.check_dataset()  # stop at once when no dataset is at data.root
-    model = hydra.utils.instantiate(cfg.model)
+    model = instantiate(cfg.model)
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
     requested = cfg.trainer.get("precision")

@@ -17,9 +17,10 @@ Rescaling (``x / 255``) is always a separate, last step, as in Keras (``standard
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -30,6 +31,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from xray.config_checks import is_num, require
 
 __all__ = [
     "KerasAugmentParams",
@@ -572,6 +575,17 @@ def train_transform(aug: dict[str, Any] | None = None) -> v2.Compose:
 # --------------------------------------------------------------------------------------------------
 # Appearance augmentation (acquisition variation), batched on the training device
 # --------------------------------------------------------------------------------------------------
+
+
+def check_appearance(settings: Mapping[str, Any]) -> None:
+    """``data.appearance``: known keys of :func:`appearance_augment_batch`, numbers >= 0, and its
+    probabilities (``*_p``) at most 1; a ConfigError naming the key otherwise."""
+    known = set(inspect.signature(appearance_augment_batch).parameters) - {"images", "generator"}
+    ok = set(settings) <= known and all(
+        is_num(v) and v >= 0 and (not k.endswith("_p") or v <= 1) for k, v in settings.items()
+    )
+    expected = f"a mapping of {', '.join(sorted(known))} to numbers >= 0 (the *_p probabilities <= 1)"
+    require(ok, "data.appearance", expected, dict(settings))
 
 
 def appearance_augment_batch(

@@ -28,6 +28,7 @@ from torch.utils.data import (
     default_collate,
 )
 
+from xray.config_checks import ConfigError, is_int, is_num, require
 from xray.constants import CLASSES
 from xray.data.cache import DecodedCache, build_cache, load_resized
 from xray.data.encoding import SourceEncoding, detect_source_encoding
@@ -39,6 +40,7 @@ from xray.transforms import (
     KERAS_SEED_AUGMENT,
     KerasRandomAffine,
     appearance_augment_batch,
+    check_appearance,
     keras_augment_batch,
     rescale,
     sample_keras_params,
@@ -147,22 +149,35 @@ class XRayDataModule(LightningDataModule):
         record_encoding: bool = True,
     ) -> None:
         super().__init__()
-        if image_size < 8:
-            raise ValueError(f"data.image_size must be at least 8, got {image_size}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        if val_source not in ("split", "official"):
-            raise ValueError(f"data.val_source must be 'split' or 'official', got {val_source!r}")
+        require(is_int(image_size) and image_size >= 8, "data.image_size", "an integer >= 8", image_size)
+        require(is_int(batch_size) and batch_size >= 1, "data.batch_size", "an integer >= 1", batch_size)
+        require(is_int(num_workers) and num_workers >= 0, "data.num_workers", "an integer >= 0", num_workers)
+        require(
+            is_num(val_fraction) and 0 < val_fraction < 1,
+            "data.val_fraction",
+            "a number in (0, 1)",
+            val_fraction,
+        )
+        require(
+            interpolation in ("nearest", "bilinear", "bicubic"),
+            "data.interpolation",
+            "nearest, bilinear or bicubic",
+            interpolation,
+        )
+        require(val_source in ("split", "official"), "data.val_source", "split or official", val_source)
+        require(
+            train_limit_per_class is None or (is_int(train_limit_per_class) and train_limit_per_class >= 1),
+            "data.train_limit_per_class",
+            "null or an integer >= 1",
+            train_limit_per_class,
+        )
         if n_folds is not None and (n_folds < 2 or not 0 <= fold < n_folds):
-            raise ValueError(
+            raise ConfigError(
                 f"data.fold must be in [0, data.n_folds) with n_folds >= 2, got {fold} of {n_folds}"
             )
         if n_folds is not None and val_source != "split":
-            raise ValueError("data.n_folds needs data.val_source=split (folds are carved from train/)")
-        if augment_on not in ("batch", "sample"):
-            raise ValueError(f"data.augment_on must be 'batch' or 'sample', got {augment_on!r}")
+            raise ConfigError("data.n_folds needs data.val_source=split (folds are carved from train/)")
+        require(augment_on in ("batch", "sample"), "data.augment_on", "batch or sample", augment_on)
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
@@ -176,11 +191,16 @@ class XRayDataModule(LightningDataModule):
         self.train_limit_per_class = train_limit_per_class
         self.augment = dict(augment) if augment else None
         if self.augment:
-            KerasRandomAffine(**self.augment)  # validate the Keras parameters now, before any data is read
+            try:
+                KerasRandomAffine(
+                    **self.augment
+                )  # validate the Keras parameters now, before any data is read
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"data.augment: {err}") from None
         self.augment_on = augment_on
         self.appearance = dict(appearance) if appearance else None
         if self.appearance:
-            appearance_augment_batch(torch.zeros(1, 1, 8, 8), **self.appearance)  # unknown keys fail now
+            check_appearance(self.appearance)
         self.balanced_sampler = balanced_sampler
         self.skip_bad_images = skip_bad_images
         self.cache = cache
@@ -189,8 +209,7 @@ class XRayDataModule(LightningDataModule):
         self.source = source
         self.size = int(size)
         wants_pinned_memory(pin_memory, None)  # a bad value fails now
-        if prefetch not in (True, False, "auto"):
-            raise ValueError(f"data.prefetch must be true, false or 'auto', got {prefetch!r}")
+        require(prefetch in (True, False, "auto"), "data.prefetch", "true, false or 'auto'", prefetch)
         self.pin_memory = pin_memory
         self.prefetch = prefetch
         self.record_encoding = bool(record_encoding)
