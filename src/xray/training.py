@@ -92,9 +92,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
         best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
-    if best_path is not None and best_path.exists():
-        state = load_checkpoint_file(best_path)  # the safe loader, also for our own files
-        model.load_state_dict(state["state_dict"])
     results, extras = evaluate_splits(cfg, trainer, model, datamodule, best_path)
     if not trainer.is_global_zero:
         return results
@@ -126,7 +123,9 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     ev = cfg.evaluation
     results: dict[str, Any] = {}
     extras: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    trainer.validate(model, datamodule=datamodule, verbose=False)
+    best = best_path if best_path is not None and best_path.exists() else None
+    # Lightning loads the best weights (through the trainer's checkpoint IO, weights only) and validates
+    trainer.validate(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
     _, labels, index = model.collected()
     logits = model.collected_logits()
     model.temperature = fit_temperature(logits, labels) if ev.get("temperature", True) else 1.0
@@ -145,7 +144,7 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     else:
         model.threshold = choose_threshold(probs, labels, rule=rule, target_sensitivity=ev.target_sensitivity)
     model.threshold_rule = rule
-    if best_path is not None and best_path.exists() and trainer.is_global_zero:
+    if best is not None and trainer.is_global_zero:
         update_checkpoint_meta(
             best_path, threshold=model.threshold, threshold_rule=rule, temperature=model.temperature
         )
