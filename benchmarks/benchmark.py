@@ -84,7 +84,8 @@ def job_data(a: argparse.Namespace, size: int, kind: str) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     import xray.data.cache as cache_module
-    from xray.data.datamodule import XRayDataModule, XRayDataset
+    from xray.data.datamodule import XRayDataModule
+    from xray.data.dataset import XRayDataset
     from xray.data.prefetch import move_to_device
     from xray.data.records import scan_split
     from xray.transforms import train_transform
@@ -111,9 +112,9 @@ def job_data(a: argparse.Namespace, size: int, kind: str) -> dict[str, Any]:
         return real_load(*args, **kwargs)
 
     cache_module.load_resized = counting_load
-    import xray.data.datamodule as dm_module
+    import xray.data.dataset as dataset_module
 
-    dm_module.load_resized = counting_load
+    dataset_module.load_resized = counting_load
     dm = XRayDataModule(
         root=str(a.fullres_dir), image_size=size, batch_size=a.batch_size, num_workers=a.num_workers,
         cache_dir=str(a.cache_dir),

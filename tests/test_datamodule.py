@@ -64,7 +64,7 @@ def test_cached_equals_uncached(dataset_root: Path, tmp_path: Path) -> None:
 
 def test_cache_is_reused_and_never_redecodes(dataset_root: Path, tmp_path: Path) -> None:
     make_dm(dataset_root, tmp_path)
-    with mock.patch("xray.data.cache.read_image", side_effect=AssertionError("decoded again")):
+    with mock.patch("xray.transforms.read_image", side_effect=AssertionError("decoded again")):
         dm = make_dm(dataset_root, tmp_path)
         for _ in dm.train_dataloader():
             pass

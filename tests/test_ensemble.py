@@ -32,10 +32,9 @@ from xray.checkpoints import (
     write_ensemble_manifest,
 )
 from xray.constants import CLASSES
-from xray.data.cache import load_resized
 from xray.inference import EXIT_OK, predict_files, run_predict
 from xray.models import SeedCNN, flip_tta_logits
-from xray.transforms import rescale
+from xray.transforms import load_resized, rescale
 
 N_IMAGES = 6
 

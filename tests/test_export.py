@@ -20,10 +20,9 @@ from xray.checkpoints import (
 )
 from xray.config_checks import ConfigError
 from xray.constants import CLASSES
-from xray.data.cache import load_resized
 from xray.export import export_model, run_export, run_exported
 from xray.inference import collect_inputs, predict_files
-from xray.transforms import rescale
+from xray.transforms import load_resized, rescale
 
 
 @pytest.fixture(scope="module")

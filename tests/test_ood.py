@@ -231,8 +231,8 @@ def test_predict_flags_non_films_and_passes_films(trained_run: Path, tmp_path: P
 def test_shipped_ensemble_has_ood_stats_and_separates_on_real_films() -> None:
     """Fold 0's member on 40 films of its own validation fold (never trained on; its OOD threshold is
     the 95% point over that fold's films) against synthetic families that are not chest films."""
-    from xray.data.cache import load_resized
     from xray.data.records import patient_folds, scan_split
+    from xray.transforms import load_resized
 
     folder = PROJECT_ROOT / "models" / "xray_gpu_transfer"
     model = load_model(folder / "fold0.ckpt")

@@ -1,6 +1,6 @@
 """What ``predict.py`` does, callable from Python: files in, one probability (or one error) per file out.
 
-The preprocessing is the training code's own (:func:`xray.data.cache.load_resized` per file, then
+The preprocessing is the training code's own (:func:`xray.transforms.load_resized` per file, then
 :func:`xray.transforms.rescale` on the batch), with the image size and interpolation read from the
 checkpoint, so a file is scored exactly as validation and test score it during training.
 
@@ -249,7 +249,7 @@ class PredictDataset(Dataset):
             image, info = read_image_info(self.paths[index])
             if self.source_encoding is not None:  # the size the file came with stays in `info`
                 image = match_file_encoding(self.paths[index], image, self.source_encoding)
-            resized = resize_image(image, self.image_size, self.interpolation)  # = data.cache.load_resized
+            resized = resize_image(image, self.image_size, self.interpolation)  # = transforms.load_resized
         except ImageReadError as err:
             return err.reason, index, None
         except Exception as err:  # one odd file must not take the other files of its batch down

@@ -135,7 +135,8 @@ def classification_metrics(probs: _ArrayLike, labels: _ArrayLike, threshold: flo
     tp, fp, fn, tn = (int(c) for c in _confusion_counts(p >= threshold, y.bool()))
     n, n_pos = int(y.numel()), tp + fn
     return {
-        **{k: float(v) for k, v in count_metrics(tp, fp, fn, tn).items()},
+        # undefined -> the one math.nan object, so equal payloads compare equal (nan != nan otherwise)
+        **{k: math.nan if v.isnan() else float(v) for k, v in count_metrics(tp, fp, fn, tn).items()},
         "auroc": float(binary_auroc(p, y)) if 0 < n_pos < n else math.nan,
         "average_precision": float(binary_average_precision(p, y)) if n_pos > 0 else math.nan,
         "brier": float(((p.double() - y) ** 2).mean()),

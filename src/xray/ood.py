@@ -482,7 +482,7 @@ def _member_films(
 
 
 def _load_images(records: Sequence[Any], size: int, interpolation: str) -> Tensor:
-    from xray.data.cache import load_resized
+    from xray.transforms import load_resized
 
     return torch.stack(
         [torch.from_numpy(load_resized(r.path, size, interpolation)) for r in records]

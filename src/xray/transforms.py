@@ -22,8 +22,10 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from xray.config_checks import is_num, require
+from xray.data.io import read_image
 
 __all__ = [
     "KerasAugmentParams",
@@ -43,6 +46,7 @@ __all__ = [
     "keras_affine_matrices",
     "keras_augment_batch",
     "rescale",
+    "load_resized",
     "resize_image",
     "sample_keras_params",
     "train_transform",
@@ -81,6 +85,12 @@ def resize_image(img: torch.Tensor, size: int, interpolation: str = "bilinear") 
     if img.ndim < 3:
         raise ValueError(f"img must have shape (..., C, H, W), got {tuple(img.shape)}")
     return TF.resize(img, [size, size], interpolation=mode, antialias=True)
+
+
+def load_resized(path: str | Path, image_size: int, interpolation: str) -> np.ndarray:
+    """The eval preset on one file: read_image then resize, as a (S, S) uint8 array (training's decoded
+    cache, validation and prediction all start here)."""
+    return resize_image(read_image(path), image_size, interpolation)[0].numpy()
 
 
 def rescale(x: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from xray.data.io import ImageReadError, read_image
-from xray.transforms import resize_image
+from xray.data.io import ImageReadError
+from xray.transforms import load_resized
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,6 @@ class DecodedCache:
         if self._fd is not None and self._layout[2] == os.getpid():
             with contextlib.suppress(OSError):
                 os.close(self._fd)
-
-
-def load_resized(path: str | Path, image_size: int, interpolation: str) -> np.ndarray:
-    """The eval preset on one file: read_image then resize, as a (S, S) uint8 array."""
-    return resize_image(read_image(path), image_size, interpolation)[0].numpy()
 
 
 def _decode_one(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,15 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import (
     DataLoader,
-    Dataset,
     RandomSampler,
     SequentialSampler,
     WeightedRandomSampler,
-    default_collate,
 )
 
 from xray.config_checks import ConfigError, is_int, is_num, require
 from xray.constants import CLASSES
-from xray.data.cache import DecodedCache, build_cache, load_resized
+from xray.data.cache import DecodedCache, build_cache
+from xray.data.dataset import XRayDataset, collate_batches
 from xray.data.encoding import SourceEncoding, detect_source_encoding
 from xray.data.io import probe_image
 from xray.data.prefetch import DevicePrefetcher, wants_pinned_memory
@@ -52,70 +50,6 @@ log = logging.getLogger(__name__)
 
 class BadImagesError(UserError, ValueError):
     """Unreadable files found at setup; the message lists every one with its reason."""
-
-
-class PreCollated(tuple):
-    """A batch that a dataset's ``__getitems__`` already collated: (images, labels, indices)."""
-
-
-def collate_batches(items: Any) -> Any:
-    """DataLoader collate: pre-collated batches pass through, lists of samples are stacked."""
-    if isinstance(items, PreCollated):
-        return tuple(items)
-    return default_collate(items)
-
-
-class XRayDataset(Dataset):
-    """Records read through the eval preset (read_image + resize), optionally from the decoded cache."""
-
-    def __init__(
-        self,
-        records: Sequence[Record],
-        image_size: int,
-        interpolation: str = "bilinear",
-        cache: DecodedCache | None = None,
-        cache_rows: Sequence[int] | None = None,
-        sample_transform: Any | None = None,
-    ) -> None:
-        self.records = list(records)
-        self.image_size = image_size
-        self.interpolation = interpolation
-        self.cache = cache
-        self.cache_rows = np.asarray(cache_rows if cache_rows is not None else [], dtype=np.int64)
-        self.sample_transform = sample_transform
-        self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def image(self, index: int) -> torch.Tensor:
-        """uint8 (1, S, S) for one record."""
-        if self.cache is not None:
-            array = np.empty((1, self.image_size, self.image_size), dtype=np.uint8)
-            self.cache.read_rows(self.cache_rows[index : index + 1], array)
-            array = array[0]
-        else:
-            array = load_resized(self.records[index].path, self.image_size, self.interpolation)
-        return torch.from_numpy(array).unsqueeze(0)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image = self.image(index)
-        if self.sample_transform is not None:
-            image = self.sample_transform(image)
-        return image, self.labels[index], index
-
-    def __getitems__(self, indices: list[int]) -> Any:
-        """Batched read straight into one uint8 batch buffer, returned already collated.
-
-        Each image is one ``preadv`` from the cache file (in file order) into its place in the batch
-        (no per-image tensors to stack, one memory copy); ``collate_batches`` passes it through unchanged.
-        """
-        if self.cache is None or self.sample_transform is not None:
-            return [self[i] for i in indices]
-        block = np.empty((len(indices), 1, self.image_size, self.image_size), dtype=np.uint8)
-        self.cache.read_rows(self.cache_rows[indices], block[:, 0])
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return PreCollated((torch.from_numpy(block), self.labels[index], index))
 
 
 class XRayDataModule(LightningDataModule):
