@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xray.atomic import atomic_write_text
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import CheckpointError
 from xray.metrics import ECE_BINS, THRESHOLD_RULES, choose_threshold, classification_metrics, evaluate
-from xray.report import REPORT_ROWS, THRESHOLD_FREE, write_metrics_json
+from xray.report import REPORT_ROWS, THRESHOLD_FREE, fmt_ci, fmt_num, md_table, write_metrics_json
 
 __all__ = [
     "FOLD_METRICS",
@@ -472,35 +473,11 @@ def aggregate(
 _POOLED_ROWS = tuple(sorted(REPORT_ROWS, key=lambda row: row[0] != "auroc"))
 
 
-def _num(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{float(x):.{digits}f}"
-
-
-def _with_ci(value: Any, ci: Sequence[Any] | None) -> str:
-    text = _num(value)
-    if (
-        text != "n/a"
-        and ci is not None
-        and len(ci) == 2
-        and all(c is not None and math.isfinite(c) for c in ci)
-    ):
-        text += f" ({ci[0]:.3f}-{ci[1]:.3f})"
-    return text
-
-
 def _mean_pm_std(stat: Mapping[str, Any]) -> str:
     if stat.get("mean") is None:
         return "n/a"
     std = stat.get("std")
-    return _num(stat["mean"]) + (f" ± {std:.3f}" if std is not None else " ± n/a")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * left + "---:|" * (len(header) - left)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+    return fmt_num(stat["mean"]) + (f" ± {std:.3f}" if std is not None else " ± n/a")
 
 
 def _confidence(temperature: float) -> str:
@@ -564,11 +541,11 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
         rows.append(
             [
                 label,
-                _with_ci(at_half, ci.get(key) if key in THRESHOLD_FREE else None),
-                _with_ci(at_t, ci.get(key)),
+                fmt_ci(at_half, ci.get(key) if key in THRESHOLD_FREE else None),
+                fmt_ci(at_t, ci.get(key)),
             ]
         )
-    rows.append(["Log loss", _num(pooled.get("log_loss")), _num(pooled.get("log_loss"))])
+    rows.append(["Log loss", fmt_num(pooled.get("log_loss")), fmt_num(pooled.get("log_loss"))])
     rows.append(
         ["TN/FP/FN/TP"]
         + [
@@ -576,11 +553,11 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
             for w in ("at_0.5", "at_threshold")
         ]
     )
-    lines += _table(["metric", "@ 0.5", f"@ {_num(t, 4)} (95% CI)"], rows)
+    lines += md_table(["metric", "@ 0.5", f"@ {fmt_num(t, 4)} (95% CI)"], rows)
     boot = pooled.get("bootstrap") or {}
     lines += [
         "",
-        f"Probabilities are sigmoid(logit / {_num(result['temperature'])}). Intervals: percentile bootstrap "
+        f"Probabilities are sigmoid(logit / {fmt_num(result['temperature'])}). Intervals: percentile bootstrap "
         f"over images ({boot.get('n_boot')} resamples, seed {boot.get('seed')}); PNEUMONIA is the positive "
         "class; a case is positive when p >= threshold.",
         "",
@@ -589,20 +566,20 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
     # -- operating point and calibration
     lines += ["## Operating point and calibration", ""]
     lines += [
-        f"- Threshold: **{_num(t, 4)}**, rule {rule}, chosen on the pooled calibrated out-of-fold probabilities.",
-        f"- Temperature: **{_num(result['temperature'])}**, fitted once on the pooled out-of-fold logits "
+        f"- Threshold: **{fmt_num(t, 4)}**, rule {rule}, chosen on the pooled calibrated out-of-fold probabilities.",
+        f"- Temperature: **{fmt_num(result['temperature'])}**, fitted once on the pooled out-of-fold logits "
         f"({_confidence(result['temperature'])}).",
         "",
     ]
     cal_rows = [
         ["uncalibrated (T = 1)", "1.000"]
-        + [_num(cal["uncalibrated"][m]) for m in ("log_loss", "ece", "brier")],
+        + [fmt_num(cal["uncalibrated"][m]) for m in ("log_loss", "ece", "brier")],
         ["each run's own T", "per run"]
-        + [_num(cal["per_run_temperature"][m]) for m in ("log_loss", "ece", "brier")],
-        ["pooled T", _num(result["temperature"])]
-        + [_num(cal["pooled_temperature"][m]) for m in ("log_loss", "ece", "brier")],
+        + [fmt_num(cal["per_run_temperature"][m]) for m in ("log_loss", "ece", "brier")],
+        ["pooled T", fmt_num(result["temperature"])]
+        + [fmt_num(cal["pooled_temperature"][m]) for m in ("log_loss", "ece", "brier")],
     ]
-    lines += _table(["probabilities", "T", "log loss", f"ECE ({ECE_BINS} bins)", "Brier"], cal_rows)
+    lines += md_table(["probabilities", "T", "log loss", f"ECE ({ECE_BINS} bins)", "Brier"], cal_rows)
     lines.append("")
     if result.get("pooled_shift"):
         from xray.shifts import render_shift_table
@@ -623,16 +600,16 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
     for f in folds:
         shift = f["val_shift_mean"]
         rows.append(
-            [str(f["fold"]), str(f["n"]), _num(f["threshold"], 4), _num(f["temperature"])]
-            + [_num(f["val"][m]) for m in FOLD_METRICS]
-            + [_num(shift[m]) if shift else "n/a" for m in SHIFT_METRICS]
+            [str(f["fold"]), str(f["n"]), fmt_num(f["threshold"], 4), fmt_num(f["temperature"])]
+            + [fmt_num(f["val"][m]) for m in FOLD_METRICS]
+            + [fmt_num(shift[m]) if shift else "n/a" for m in SHIFT_METRICS]
         )
     rows.append(
         ["**mean ± std**", str(sum(f["n"] for f in folds)), "", ""]
         + [_mean_pm_std(summary["val"][m]) for m in FOLD_METRICS]
         + [_mean_pm_std(summary["val_shift_mean"][m]) for m in SHIFT_METRICS]
     )
-    lines += _table(header, rows)
+    lines += md_table(header, rows)
     lines += [
         "",
         "Clean columns: the run's own validation fold at its own threshold and temperature (metrics.json). "
@@ -648,18 +625,18 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
 
     # -- per fold at the pooled operating point
     lines += [
-        f"## Per-fold metrics at the pooled operating point (threshold {_num(t, 4)}, T {_num(result['temperature'])})",
+        f"## Per-fold metrics at the pooled operating point (threshold {fmt_num(t, 4)}, T {fmt_num(result['temperature'])})",
         "",
     ]
     rows = [
-        [str(f["fold"]), str(f["n"])] + [_num(f["at_pooled_operating_point"][m]) for m in FOLD_METRICS]
+        [str(f["fold"]), str(f["n"])] + [fmt_num(f["at_pooled_operating_point"][m]) for m in FOLD_METRICS]
         for f in folds
     ]
     rows.append(
         ["**mean ± std**", str(sum(f["n"] for f in folds))]
         + [_mean_pm_std(summary["at_pooled_operating_point"][m]) for m in FOLD_METRICS]
     )
-    lines += _table(["fold", "n"] + [_LABELS[m] for m in FOLD_METRICS], rows)
+    lines += md_table(["fold", "n"] + [_LABELS[m] for m in FOLD_METRICS], rows)
     lines.append("")
 
     # -- meaning
@@ -681,7 +658,7 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
 
     # -- runs
     lines += ["## Runs", ""]
-    lines += _table(["fold", "run directory"], [[str(f["fold"]), f"`{f['run_dir']}`"] for f in folds], left=2)
+    lines += md_table(["fold", "run directory"], [[str(f["fold"]), f"`{f['run_dir']}`"] for f in folds], left=2)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -690,9 +667,7 @@ def write_cv_report(result: Mapping[str, Any], out_dir: str | Path) -> tuple[Pat
     out_dir = Path(out_dir)
     json_path = write_metrics_json(out_dir / "cv_metrics.json", result)
     md_path = out_dir / "cv_report.md"
-    tmp = out_dir / ".cv_report.md.tmp"
-    tmp.write_text(render_cv_report(result), encoding="utf-8")
-    tmp.replace(md_path)  # readers never see half a report
+    atomic_write_text(md_path, render_cv_report(result))  # readers never see half a report
     return json_path, md_path
 
 
@@ -755,9 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = result["pooled"]["at_threshold"]
     print(f"{len(runs)} of {result['n_folds']} folds, {result['n_images']} out-of-fold images")
     print(
-        f"pooled @ {result['threshold']:.4f} ({result['threshold_rule']}): AUROC {_num(m['auroc'])}, "
-        f"accuracy {_num(m['accuracy'])}, sensitivity {_num(m['sensitivity'])}, "
-        f"specificity {_num(m['specificity'])}; temperature {_num(result['temperature'])}"
+        f"pooled @ {result['threshold']:.4f} ({result['threshold_rule']}): AUROC {fmt_num(m['auroc'])}, "
+        f"accuracy {fmt_num(m['accuracy'])}, sensitivity {fmt_num(m['sensitivity'])}, "
+        f"specificity {fmt_num(m['specificity'])}; temperature {fmt_num(result['temperature'])}"
     )
     print(f"wrote {md_path} and {json_path}")
     if manifest is not None:

@@ -284,23 +284,13 @@ class XRayClassifier(LightningModule):
 
     def _log_clinical(self, prefix: str) -> None:
         """Sensitivity, specificity, PPV, NPV, F1, AP, Brier, ECE at the current threshold, per epoch."""
-        from xray.metrics import classification_metrics
+        from xray.metrics import BOOTSTRAP_METRICS, classification_metrics
 
         probs, labels, _ = self.collected()
         if probs.numel() == 0 or self.trainer.sanity_checking:
             return
         metrics = classification_metrics(probs, labels, self.threshold)
-        keys = (
-            "sensitivity",
-            "specificity",
-            "ppv",
-            "npv",
-            "f1",
-            "balanced_accuracy",
-            "average_precision",
-            "brier",
-            "ece",
-        )
+        keys = [k for k in BOOTSTRAP_METRICS if k not in ("accuracy", "auroc")] + ["ece"]  # acc, AUROC: above
         values = {f"{prefix}/{k}": float(metrics[k]) for k in keys if metrics[k] == metrics[k]}  # skip nan
         self.log_dict(values, on_epoch=True, rank_zero_only=True)
 

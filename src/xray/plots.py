@@ -125,6 +125,13 @@ def _two_classes(y: Tensor) -> bool:
     return 0 < n_pos < y.numel()
 
 
+def _mark_point(ax: Any, x: float, y: float, color: Any, label: str) -> None:
+    """The operating point on a curve: a black-edged dot in the split's colour."""
+    ax.plot(
+        x, y, marker="o", markersize=8, color=color, markeredgecolor="black", linestyle="none", label=label
+    )
+
+
 def make_roc_figure(
     curves: Mapping[str, tuple[_ArrayLike, _ArrayLike]],
     thresholds: Mapping[str, float] | None = None,
@@ -146,16 +153,10 @@ def make_roc_figure(
             fpr.numpy(), tpr.numpy(), color=color, linewidth=1.8, label=f"{split} (AUROC {m['auroc']:.3f})"
         )
         if thresholds is not None and split in thresholds:
-            ax.plot(
-                1 - m["specificity"],
-                m["sensitivity"],
-                marker="o",
-                markersize=8,
-                color=color,
-                markeredgecolor="black",
-                linestyle="none",
-                label=f"{split} @ {m['threshold']:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}",
+            label = (
+                f"{split} @ {m['threshold']:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}"
             )
+            _mark_point(ax, 1 - m["specificity"], m["sensitivity"], color, label)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("1 - specificity (false positive rate)")
@@ -197,16 +198,8 @@ def make_pr_figure(
             label=f"{split} (AP {m['average_precision']:.3f})",
         )
         if thresholds is not None and split in thresholds and not math.isnan(m["ppv"]):
-            ax.plot(
-                m["sensitivity"],
-                m["ppv"],
-                marker="o",
-                markersize=8,
-                color=color,
-                markeredgecolor="black",
-                linestyle="none",
-                label=f"{split} @ {m['threshold']:.3f}: recall {m['sensitivity']:.3f}, precision {m['ppv']:.3f}",
-            )
+            label = f"{split} @ {m['threshold']:.3f}: recall {m['sensitivity']:.3f}, precision {m['ppv']:.3f}"
+            _mark_point(ax, m["sensitivity"], m["ppv"], color, label)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("recall (sensitivity)")

@@ -125,11 +125,11 @@ THRESHOLD_FREE = frozenset({"auroc", "average_precision", "brier", "ece"})
 _SPLIT_ORDER = ("train", "val", "test")
 
 
-def _num(x: Any, digits: int = 3) -> str:
-    if x is None:
+def fmt_num(x: Any, digits: int = 3) -> str:
+    """A number for a markdown table; ``n/a`` for None, nan and inf."""
+    if x is None or not math.isfinite(float(x)):
         return "n/a"
-    x = float(x)
-    return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+    return f"{float(x):.{digits}f}"
 
 
 def _pct(x: Any) -> str:
@@ -138,13 +138,18 @@ def _pct(x: Any) -> str:
     return f"{100 * float(x):.1f}".removesuffix(".0")
 
 
-def _cell(value: Any, ci: Sequence[Any] | None) -> str:
-    text = _num(value)
-    if ci is not None and text != "n/a" and ci[0] is not None and ci[1] is not None:
-        lo, hi = float(ci[0]), float(ci[1])
-        if not (math.isnan(lo) or math.isnan(hi)):
-            text += f" ({lo:.3f}-{hi:.3f})"
+def fmt_ci(value: Any, ci: Sequence[Any] | None) -> str:
+    """``0.912 (0.890-0.930)``: a value with its interval, when both ends are finite numbers."""
+    text = fmt_num(value)
+    if text != "n/a" and ci is not None and len(ci) == 2 and all(fmt_num(c) != "n/a" for c in ci):
+        text += f" ({float(ci[0]):.3f}-{float(ci[1]):.3f})"
     return text
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    """A GitHub markdown table, the first ``left`` columns left-aligned and the rest right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * left + "---:|" * (len(header) - left)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _ordered(keys: Sequence[str]) -> list[str]:
@@ -208,7 +213,7 @@ def render_report(
         for split in splits:
             r = results[split]
             t = r.get("threshold")
-            header += [f"{split} @ 0.5", f"{split} @ {_num(t)}" if t is not None else f"{split} @ threshold"]
+            header += [f"{split} @ 0.5", f"{split} @ {fmt_num(t)}" if t is not None else f"{split} @ threshold"]
             columns += [(r, "at_0.5"), (r, "at_threshold")]
         lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
         for key, label in REPORT_ROWS:
@@ -218,7 +223,7 @@ def render_report(
                 thresh = r.get("threshold")
                 # CIs are computed at the chosen threshold; threshold-free metrics' CIs hold at 0.5 too.
                 use_ci = which == "at_threshold" or key in THRESHOLD_FREE or thresh == 0.5
-                cells.append(_cell((r.get(which) or {}).get(key), ci_all.get(key) if use_ci else None))
+                cells.append(fmt_ci((r.get(which) or {}).get(key), ci_all.get(key) if use_ci else None))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         confusion = []
         for r, which in columns:
@@ -240,9 +245,9 @@ def render_report(
         lines += [
             "## Calibration (temperature scaling on validation)",
             "",
-            f"Temperature {_num(calibration.get('temperature'))}: validation log loss "
-            f"{_num(calibration.get('log_loss_before'))} -> {_num(calibration.get('log_loss_after'))}, "
-            f"ECE {_num(calibration.get('ece_before'))} -> {_num(calibration.get('ece_after'))}. "
+            f"Temperature {fmt_num(calibration.get('temperature'))}: validation log loss "
+            f"{fmt_num(calibration.get('log_loss_before'))} -> {fmt_num(calibration.get('log_loss_after'))}, "
+            f"ECE {fmt_num(calibration.get('ece_before'))} -> {fmt_num(calibration.get('ece_after'))}. "
             "Probabilities above are calibrated; the ranking (AUROC) is unchanged.",
             "",
         ]
@@ -261,14 +266,14 @@ def render_report(
     for a in ANCHORS:
         lines.append(
             f"| {a['name']} ({a['source']}) | {a['model']} | {_pct(a['accuracy'])} | {_pct(a['sensitivity'])} "
-            f"| {_pct(a['specificity'])} | {_num(a['auroc']) if a['auroc'] is not None else '–'} | {a['note']} |"
+            f"| {_pct(a['specificity'])} | {fmt_num(a['auroc']) if a['auroc'] is not None else '–'} | {a['note']} |"
         )
     if "test" in results:
         m = results["test"].get("at_threshold") or {}
         lines.append(
-            f"| **this run** (test @ {_num(results['test'].get('threshold'))}) | {_md_escape((config or {}).get('model', ''))} "
+            f"| **this run** (test @ {fmt_num(results['test'].get('threshold'))}) | {_md_escape((config or {}).get('model', ''))} "
             f"| {_pct(m.get('accuracy'))} | {_pct(m.get('sensitivity'))} | {_pct(m.get('specificity'))} "
-            f"| {_num(m.get('auroc'))} | |"
+            f"| {fmt_num(m.get('auroc'))} | |"
         )
     lines.append("")
     if test_used_for_selection:
