@@ -21,19 +21,17 @@ from torch import Tensor
 
 from tests.conftest import synthetic_xray
 from tests.helpers import compose_hydra, run_script
-from xray.checkpoints import (
+from xray.checkpoints import CheckpointError, LoadedModel, load_model
+from xray.constants import CLASSES
+from xray.inference import EXIT_OK, predict_files, run_predict
+from xray.models import SeedCNN, flip_tta_logits
+from xray.predictor import (
     MANIFEST_NAME,
-    CheckpointError,
-    LoadedModel,
     Predictor,
-    load_model,
     load_predictor,
     resolve_checkpoint,
     write_ensemble_manifest,
 )
-from xray.constants import CLASSES
-from xray.inference import EXIT_OK, predict_files, run_predict
-from xray.models import SeedCNN, flip_tta_logits
 from xray.transforms import load_resized, rescale
 
 N_IMAGES = 6
@@ -373,7 +371,7 @@ def test_pretrained_may_be_a_file_or_an_ensemble_folder(
         save_ckpt(target / "m0.ckpt", nets["a"])
         save_ckpt(target / "m1.ckpt", nets["c"])
         write_ensemble_manifest(target, ["m0.ckpt", "m1.ckpt"], 0.42, 1.3, "fixed")
-    monkeypatch.setattr("xray.checkpoints.PRETRAINED_PATH", target)
+    monkeypatch.setattr("xray.predictor.PRETRAINED_PATH", target)
     predictor = load_predictor("pretrained")
     assert predictor.is_ensemble == (kind == "folder")
     assert predictor.threshold == 0.42

@@ -11,17 +11,12 @@ import pytest
 import torch
 
 from tests.helpers import compose_hydra
-from xray.checkpoints import (
-    atomic_torch_save,
-    load_checkpoint_file,
-    load_predictor,
-    update_ensemble_manifest,
-    write_ensemble_manifest,
-)
+from xray.checkpoints import atomic_torch_save, load_checkpoint_file
 from xray.config_checks import ConfigError
 from xray.constants import CLASSES
 from xray.export import export_model, run_export, run_exported
 from xray.inference import collect_inputs, predict_files
+from xray.predictor import load_predictor, update_ensemble_manifest, write_ensemble_manifest
 from xray.transforms import load_resized, rescale
 
 

@@ -158,7 +158,7 @@ def test_ckpt_pretrained_missing_is_a_clear_error(
     monkeypatch, few_images: Path, tmp_path: Path, capsys
 ) -> None:
     missing = tmp_path / "models" / "xray_cpu_fast.ckpt"
-    monkeypatch.setattr("xray.checkpoints.PRETRAINED_PATH", missing)
+    monkeypatch.setattr("xray.predictor.PRETRAINED_PATH", missing)
     assert run_cli(tmp_path / "out", ["ckpt=pretrained", f"input={few_images}"]) == 2
     err = capsys.readouterr().err
     assert f"error: ckpt=pretrained: shipped model {missing} is missing" in err

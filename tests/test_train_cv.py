@@ -114,8 +114,9 @@ def test_cv_writes_the_fold_models_as_one_ensemble(
 ) -> None:
     import torch
 
-    from xray.checkpoints import load_model, load_predictor
+    from xray.checkpoints import load_model
     from xray.inference import predict_files
+    from xray.predictor import load_predictor
 
     out = tmp_path / "ensemble"
     assert cv_main([*map(str, fold_runs), "--out", str(tmp_path), "--ensemble-out", str(out)]) == 0

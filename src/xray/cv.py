@@ -658,7 +658,9 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
 
     # -- runs
     lines += ["## Runs", ""]
-    lines += md_table(["fold", "run directory"], [[str(f["fold"]), f"`{f['run_dir']}`"] for f in folds], left=2)
+    lines += md_table(
+        ["fold", "run directory"], [[str(f["fold"]), f"`{f['run_dir']}`"] for f in folds], left=2
+    )
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -744,8 +746,9 @@ def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_
     """The fold models as one ensemble: slim float16 copies of each best checkpoint plus ``ensemble.json``
     holding the pooled out-of-fold temperature and threshold (what ``predict.py ckpt=DIR`` applies to
     the mean of the members' logits)."""
-    from xray.checkpoints import BEST_NAME, export_for_inference, load_model, write_ensemble_manifest
+    from xray.checkpoints import BEST_NAME, export_for_inference, load_model
     from xray.ood import manifest_section
+    from xray.predictor import write_ensemble_manifest
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

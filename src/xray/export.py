@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xray.checkpoints import Predictor, load_predictor
 from xray.config_checks import ConfigError
 from xray.constants import CLASSES
 from xray.ood import logits_and_features
+from xray.predictor import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ __all__ = ["ExportedPredictor", "export_model", "export_metadata", "main"]
 
 
 class ExportedPredictor(nn.Module):
-    """A :class:`~xray.checkpoints.Predictor` as one module: image in, probability (+ logit, OOD score) out."""
+    """A :class:`~xray.predictor.Predictor` as one module: image in, probability (+ logit, OOD score) out."""
 
     def __init__(self, predictor: Predictor, tta: bool | None = None, ood: bool = True) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ The preprocessing is the training code's own (:func:`xray.transforms.load_resize
 :func:`xray.transforms.rescale` on the batch), with the image size and interpolation read from the
 checkpoint, so a file is scored exactly as validation and test score it during training.
 
-One model and an ensemble share one code path (:class:`xray.checkpoints.Predictor`): each member
+One model and an ensemble share one code path (:class:`xray.predictor.Predictor`): each member
 gives raw logits (flip-TTA averaged when it uses TTA) for the same files, decoded once per distinct
 (image size, interpolation); P(PNEUMONIA) = sigmoid(mean logit / T), T the stored temperature.
 
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from xray.atomic import atomic_write_text
 from xray.calibration import apply_temperature
-from xray.checkpoints import LoadedModel, Predictor, load_predictor
+from xray.checkpoints import LoadedModel
 from xray.config_checks import ConfigError
 from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
 from xray.data.encoding import SourceEncoding, match_file_encoding
@@ -47,6 +47,7 @@ from xray.data.records import find_images
 from xray.gradcam import GradCam, write_gradcam
 from xray.models import flip_tta_logits
 from xray.ood import combine_scores, logits_and_features
+from xray.predictor import Predictor, load_predictor
 from xray.runtime import keep_freed_memory
 from xray.transforms import rescale, resize_image
 

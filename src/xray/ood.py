@@ -492,16 +492,11 @@ def _load_images(records: Sequence[Any], size: int, interpolation: str) -> Tenso
 def run_ood(cfg: Any) -> int:
     """Fit (``write=true``) and/or evaluate (``evaluate=true``) the OOD statistics of ``ckpt``."""
 
-    from xray.checkpoints import (
-        MANIFEST_NAME,
-        load_predictor,
-        resolve_checkpoint,
-        update_checkpoint_meta,
-        update_ensemble_manifest,
-    )
+    from xray.checkpoints import update_checkpoint_meta
     from xray.config_checks import ConfigError
     from xray.data.records import scan_split
     from xray.inference import resolve_device
+    from xray.predictor import MANIFEST_NAME, load_predictor, resolve_checkpoint, update_ensemble_manifest
 
     if not 0.5 <= float(cfg.acceptance) < 1:
         raise ConfigError(f"acceptance must be in [0.5, 1), got {cfg.acceptance}")

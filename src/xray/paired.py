@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from xray.checkpoints import CheckpointError, Predictor, load_predictor
+from xray.checkpoints import CheckpointError
 from xray.constants import CLASSES, IMAGE_EXTENSIONS
 from xray.inference import predict_files
+from xray.predictor import Predictor, load_predictor
 
 __all__ = ["PairedShift", "find_pairs", "paired_shift"]
 
