@@ -213,7 +213,10 @@ def render_report(
         for split in splits:
             r = results[split]
             t = r.get("threshold")
-            header += [f"{split} @ 0.5", f"{split} @ {fmt_num(t)}" if t is not None else f"{split} @ threshold"]
+            header += [
+                f"{split} @ 0.5",
+                f"{split} @ {fmt_num(t)}" if t is not None else f"{split} @ threshold",
+            ]
             columns += [(r, "at_0.5"), (r, "at_threshold")]
         lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
         for key, label in REPORT_ROWS:
