@@ -19,17 +19,15 @@ from xray.checkpoints import CheckpointError, atomic_torch_save, load_checkpoint
 from xray.inference import WARNING_KINDS, predict_files
 from xray.models import EfficientNetLite, SeedCNN
 from xray.ood import (
-    OOD_FAMILIES,
     FeatureGaussian,
     OodError,
     combine_scores,
     extract_features,
     fit_network,
     logits_and_features,
-    ood_families,
-    separation,
     stratified_subsample,
 )
+from xray.ood_check import OOD_FAMILIES, ood_families, separation
 
 SIZE = 48
 

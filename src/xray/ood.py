@@ -22,15 +22,16 @@ Features are those of the plain image (not the mirrored TTA copy): the same pass
 logit, so the score costs nothing extra at prediction time.
 
 ``python -m xray.ood ckpt=... data.root=...`` fits the statistics of existing checkpoints (one file
-or an ensemble folder) and writes them in; ``evaluate=true`` prints the separation table (AUROC of
-the score, validation films vs synthetic non-films, and the acceptance rate). See conf/ood.yaml.
+or an ensemble folder) and writes them in; ``evaluate=true`` prints the separation table of
+:mod:`xray.ood_check` (AUROC of the score, validation films vs synthetic non-films, and the acceptance
+rate). See conf/ood.yaml.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xray.transforms import rescale, resize_image
+from xray.transforms import rescale
 
 OOD_KEY = "ood"
 OOD_FORMAT = 1
@@ -62,14 +63,12 @@ __all__ = [
     "DEFAULT_ACCEPTANCE",
     "DEFAULT_COMPONENTS",
     "manifest_section",
-    "OOD_FAMILIES",
     "OOD_KEY",
     "FeatureGaussian",
     "OodError",
     "classifier_layer",
     "extract_features",
     "logits_and_features",
-    "ood_families",
 ]
 
 
@@ -266,92 +265,6 @@ def combine_scores(member_scores: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in member_scores]).mean(0)
 
 
-# ------------------------------------------------------------------------- synthetic non-films (tests)
-def _uint8(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(x.min()), float(x.max())
-    return np.zeros(x.shape, np.uint8) if hi <= lo else np.rint((x - lo) * 255 / (hi - lo)).astype(np.uint8)
-
-
-def _noise(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    return rng.integers(0, 256, (size, size), dtype=np.uint8)
-
-
-def _gradient(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    yy, xx = np.mgrid[:size, :size] / size
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = np.cos(angle) * xx + np.sin(angle) * yy
-    if rng.random() < 0.5:  # radial
-        cx, cy = rng.uniform(0.2, 0.8, 2)
-        ramp = np.hypot(xx - cx, yy - cy)
-    lo, hi = sorted(rng.uniform(0, 255, 2))
-    return np.rint(lo + (hi - lo) * (ramp - ramp.min()) / max(np.ptp(ramp), 1e-9)).astype(np.uint8)
-
-
-def _texture(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    """1/f^a noise (a = 1.5..2.5): the power spectrum of natural photographs, no anatomy."""
-    fy = np.fft.fftfreq(size)[:, None]
-    fx = np.fft.rfftfreq(size)[None, :]
-    radius = np.hypot(fx, fy)
-    radius[0, 0] = 1.0
-    amplitude = radius ** (-rng.uniform(1.5, 2.5) / 2)
-    amplitude[0, 0] = 0.0
-    phase = rng.uniform(0, 2 * np.pi, amplitude.shape)
-    return _uint8(np.fft.irfft2(amplitude * np.exp(1j * phase), s=(size, size)))
-
-
-def _inverted(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    return 255 - film
-
-
-def _resized(image: np.ndarray, size: int) -> np.ndarray:
-    return resize_image(torch.from_numpy(np.ascontiguousarray(image))[None], size)[0].numpy()
-
-
-def _crop(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    side = max(2, int(size * rng.uniform(0.15, 0.3)))
-    y, x = rng.integers(0, size - side + 1, 2)
-    return _resized(film[y : y + side, x : x + side], size)
-
-
-def _tiny(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    side = int(rng.integers(3, 9))
-    return _resized(_resized(film, side), size)
-
-
-def _elongated(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    width = int(rng.integers(4, 13))
-    x = int(rng.integers(0, size - width + 1))
-    strip = film[:, x : x + width]
-    return _resized(strip if rng.random() < 0.5 else strip.T, size)
-
-
-OOD_FAMILIES: dict[str, Callable[[np.random.Generator, int, np.ndarray], np.ndarray]] = {
-    "noise": _noise,
-    "gradient": _gradient,
-    "texture": _texture,
-    "inverted": _inverted,
-    "crop": _crop,
-    "tiny": _tiny,
-    "elongated": _elongated,
-}
-"""Inputs that are not paediatric frontal films, each made from a square uint8 film (or from nothing)
-at the model's input size, as ``predict.py`` would see them after resizing."""
-
-
-def ood_families(films: Tensor, n: int, seed: int = 0) -> dict[str, Tensor]:
-    """``n`` images per family of :data:`OOD_FAMILIES` from uint8 films (N,1,S,S): {name: (n,1,S,S)}."""
-    if films.ndim != 4 or films.dtype != torch.uint8 or len(films) == 0:
-        raise OodError(f"films must be uint8 (N,1,S,S), got {films.dtype}{tuple(films.shape)}")
-    size = int(films.shape[-1])
-    out: dict[str, Tensor] = {}
-    for f, (name, make) in enumerate(OOD_FAMILIES.items()):
-        rng = np.random.default_rng([seed, f])
-        picks = rng.integers(0, len(films), n)
-        images = [make(rng, size, films[int(i), 0].numpy()) for i in picks]
-        out[name] = torch.from_numpy(np.stack(images)).unsqueeze(1).contiguous()
-    return out
-
-
 # ------------------------------------------------------------------------------------ fitting networks
 def stratified_subsample(labels: Sequence[int], n: int | None, seed: int) -> list[int]:
     """Indices of ``n`` items keeping the class mix (seeded, sorted); all when ``n`` is None or larger."""
@@ -384,51 +297,8 @@ def fit_network(
     return stats.calibrate(val_features, acceptance)
 
 
-def separation(
-    in_scores: Tensor, out_scores: dict[str, Tensor], threshold: float
-) -> dict[str, dict[str, float]]:
-    """AUROC of the score (in-distribution films = 0, each family = 1; torchmetrics) and flag rates."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    def unit(
-        x: Tensor,
-    ) -> Tensor:  # monotone map to [0, 1): torchmetrics would squash raw scores by a sigmoid
-        x = x.double().clamp(min=0)
-        return x / (1 + x)
-
-    inside = torch.as_tensor(in_scores, dtype=torch.float64)
-    table = {"films": {"n": len(inside), "flagged": float((inside > threshold).double().mean())}}
-    for name, scores in out_scores.items():
-        scores = torch.as_tensor(scores, dtype=torch.float64)
-        target = torch.cat([torch.zeros(len(inside)), torch.ones(len(scores))]).long()
-        auroc = float(binary_auroc(unit(torch.cat([inside, scores])), target))
-        table[name] = {
-            "n": len(scores),
-            "auroc": auroc,
-            "flagged": float((scores > threshold).double().mean()),
-        }
-    return table
-
-
-def format_separation(table: dict[str, dict[str, float]], title: str) -> list[str]:
-    """Markdown rows of :func:`separation`: family, n, AUROC, flagged."""
-    films = table["films"]
-    lines = [
-        f"### {title}",
-        "",
-        f"validation films: n={films['n']}, accepted {100 * (1 - films['flagged']):.1f}%",
-        "",
-        "| family | n | AUROC (films vs family) | flagged |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, row in table.items():
-        if name != "films":
-            lines.append(f"| {name} | {row['n']} | {row['auroc']:.3f} | {100 * row['flagged']:.1f}% |")
-    return lines
-
-
 # ------------------------------------------------------------------------------ python -m xray.ood
-def _member_split(
+def member_split(
     model: Any, records: list[Any], cfg: Any, index: int, n_members: int
 ) -> tuple[list[Any], list[Any], str]:
     """(training records, validation records, description) of one network, as it was trained.
@@ -465,12 +335,12 @@ def _member_split(
     return train, val, f"patient-grouped split, validation fraction {fraction} (seed {seed})"
 
 
-def _member_films(
+def member_films(
     member: Any, records: list[Any], cfg: Any, k: int, n: int
 ) -> tuple[list[Any], list[Any], list[Any], str]:
     """(training films to fit on, validation films for the threshold, the other validation films, where):
     seeded, so that ``evaluate=true`` later holds out exactly the films the threshold did not see."""
-    train, val, where = _member_split(member, records, cfg, k, n)
+    train, val, where = member_split(member, records, cfg, k, n)
     keep = set(stratified_subsample([r.label for r in val], cfg.n_val, int(cfg.seed) + k))
     fit = [train[i] for i in stratified_subsample([r.label for r in train], cfg.n_fit, int(cfg.seed) + k)]
     return (
@@ -481,7 +351,7 @@ def _member_films(
     )
 
 
-def _load_images(records: Sequence[Any], size: int, interpolation: str) -> Tensor:
+def load_images(records: Sequence[Any], size: int, interpolation: str) -> Tensor:
     from xray.transforms import load_resized
 
     return torch.stack(
@@ -507,15 +377,15 @@ def run_ood(cfg: Any) -> int:
     n = len(predictor.members)
     if cfg.fit:
         for k, member in enumerate(predictor.members):
-            train, val, _, where = _member_films(member, records, cfg, k, n)
+            train, val, _, where = member_films(member, records, cfg, k, n)
             print(
                 f"{member.path.name}: {where}; fitting on {len(train)} training films, threshold on {len(val)} validation films",
                 flush=True,
             )
             stats = fit_network(
                 member.net,
-                _load_images(train, member.image_size, member.interpolation),
-                _load_images(val, member.image_size, member.interpolation),
+                load_images(train, member.image_size, member.interpolation),
+                load_images(val, member.image_size, member.interpolation),
                 int(cfg.components),
                 float(cfg.acceptance),
                 fitted_on=f"{where}: {len(train)} training films (stratified subsample, seed {int(cfg.seed) + k}), "
@@ -535,56 +405,10 @@ def run_ood(cfg: Any) -> int:
         if cfg.write:
             print(f"OOD statistics written into {target}")
     if cfg.evaluate:
-        _evaluate(predictor, records, cfg, device)
+        from xray.ood_check import evaluate_separation
+
+        evaluate_separation(predictor, records, cfg, device)
     return 0
-
-
-def _evaluate(predictor: Any, records: list[Any], cfg: Any, device: Any) -> None:
-    """Separation table: films held out from fitting vs the synthetic families, per member and for the ensemble."""
-    stats = predictor.ood_stats
-    if stats is None:
-        from xray.config_checks import ConfigError
-
-        raise ConfigError("evaluate=true: the checkpoint has no OOD statistics; run with fit=true first")
-    n = len(predictor.members)
-    held_out: list[Any] = []
-    for k, member in enumerate(predictor.members):
-        val = _member_films(member, records, cfg, k, n)[2] or _member_split(member, records, cfg, k, n)[1]
-        picks = stratified_subsample(
-            [r.label for r in val], max(1, int(cfg.n_eval) // n), int(cfg.seed) + 100 + k
-        )
-        held_out.append([val[i] for i in picks])
-    size, interpolation = predictor.members[0].image_size, predictor.members[0].interpolation
-    films_by_member = [_load_images(v, size, interpolation) for v in held_out]
-    films = torch.cat(films_by_member)
-    families = ood_families(films, int(cfg.n_family), seed=int(cfg.seed))
-    own: list[Tensor] = []
-    member_scores: dict[str, list[Tensor]] = {name: [] for name in ["films", *families]}
-    for k, member in enumerate(predictor.members):
-        _, f = extract_features(member.net, films, batch_size=int(cfg.batch_size), device=device)
-        member_scores["films"].append(stats[k].score(f))
-        start = sum(len(v) for v in films_by_member[:k])
-        own.append(stats[k].score(f[start : start + len(films_by_member[k])]))
-        for name, images in families.items():
-            _, f = extract_features(member.net, images, batch_size=int(cfg.batch_size), device=device)
-            member_scores[name].append(stats[k].score(f))
-    lines = ["## OOD score separation", ""]
-    per_member = separation(
-        torch.cat(own), {k: torch.cat(v) for k, v in member_scores.items() if k != "films"}, 1.0
-    )
-    lines += format_separation(
-        per_member,
-        "each member on its own fold's held-out validation films (never seen in its training), threshold 1.0",
-    )
-    combined = {k: combine_scores(v) for k, v in member_scores.items()}
-    ensemble = separation(combined.pop("films"), combined, predictor.ood_threshold)
-    if n > 1:
-        lines += [""] + format_separation(
-            ensemble,
-            f"the ensemble's score (mean of {n} members) on the same films, threshold {predictor.ood_threshold:g}; "
-            f"each film was in the training data of {n - 1} of the {n} members",
-        )
-    print("\n".join(lines))
 
 
 def main() -> None:
