@@ -2,6 +2,9 @@
 
 Resume a killed run: ``python train.py resume=RUN_DIR`` (reloads that run's config and continues from
 its last.ckpt), or Lightning's own form ``ckpt_path=RUN_DIR/checkpoints/last.ckpt hydra.run.dir=RUN_DIR``.
+
+Hyperparameter search: ``python train.py -m hparams_search=optuna experiment=cpu_transfer``; ``main``
+returns the run's ``optimized_metric`` for the sweeper (conf/hparams_search/optuna.yaml).
 """
 
 from __future__ import annotations
@@ -12,16 +15,23 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from xray.cli import expand_resume, fail_cleanly
+from xray.cli import check_optimized_metric, expand_resume, fail_cleanly, metric_value, sweep_trial
 from xray.training import train
 
 log = logging.getLogger("xray")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """One training run; returns its ``optimized_metric`` (None when that is null) for a Hydra sweeper."""
     with fail_cleanly(log):
-        train(cfg)
+        check_optimized_metric(cfg)
+        with sweep_trial(cfg):
+            metrics = train(cfg)
+        value = metric_value(metrics, cfg.get("optimized_metric"))
+        if value is not None:
+            log.info("optimized_metric %s = %.6g", cfg.optimized_metric, value)
+        return value
 
 
 if __name__ == "__main__":

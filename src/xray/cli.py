@@ -1,11 +1,13 @@
-"""Shared behaviour of the command-line entry points: clean errors and the ``resume=RUN_DIR`` form."""
+"""Shared behaviour of the command-line entry points: clean errors, the ``resume=RUN_DIR`` form and the
+``optimized_metric`` a Hydra sweeper optimises."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +83,82 @@ def expand_resume(argv: list[str]) -> list[str]:
         f"ckpt_path={last}",
         *rest,
     ]
+
+
+class TrialFailed(RuntimeError):
+    """A sweep trial whose sampled settings diverged (non-finite loss): not a user error, so it reaches
+    the sweeper, which records the trial as failed and goes on (conf/hparams_search/optuna.yaml)."""
+
+
+@contextlib.contextmanager
+def sweep_trial(cfg: Any) -> Iterator[None]:
+    """Inside ``fail_cleanly``: in a sweep that optimises a metric, a non-finite loss fails only its trial.
+
+    ``fail_cleanly`` turns it, a user error, into exit code 2, which would end the whole search at the
+    first learning rate that diverges; everywhere else (single runs, plain ``-m`` grids) that stays so.
+    """
+    from xray.module import NonFiniteLossError
+
+    try:
+        yield
+    except NonFiniteLossError as err:
+        if cfg.get("optimized_metric") is None or not _multirun():
+            raise
+        raise TrialFailed(f"trial failed: {err}") from err
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_optimized_metric(cfg: Any) -> None:
+    """Reject a bad ``optimized_metric`` before training rather than after it: a string path or null, and a
+    ``val_shift`` metric only when shift validation runs (otherwise metrics.json has no ``val_shift``)."""
+    from xray.config_checks import ConfigError
+
+    path = cfg.get("optimized_metric")
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"optimized_metric: must be null or a dotted metrics.json key, got {path!r}")
+    evaluation = cfg.get("evaluation") or {}
+    if path.split(".", 1)[0] == "val_shift" and not evaluation.get("shifts"):
+        raise ConfigError(f"optimized_metric={path}: val_shift metrics need evaluation.shifts=true")
+
+
+def metric_value(metrics: Mapping[str, Any], path: str | None) -> float | None:
+    """The number at ``path`` (dotted, e.g. ``val_shift.mean.log_loss``) in train()'s metrics.json payload:
+    what ``train.py`` returns so that a Hydra sweeper (``hparams_search=optuna``) can optimise it.
+
+    None when ``path`` is None. Keys with dots of their own (``val.at_0.5.auroc``) match whole, longest
+    first; list items by index (``val.ci.auroc.0``). A missing path, a group or a string is a ConfigError
+    that names it and lists the keys where the lookup stopped.
+    """
+    from xray.config_checks import ConfigError
+
+    if path is None:
+        return None
+    node, rest, where = metrics, str(path), []
+    while rest:
+        if isinstance(node, Mapping):
+            keys = [str(k) for k in node]
+        else:
+            keys = [str(i) for i in range(len(node))] if isinstance(node, (list, tuple)) else []
+        key = max((k for k in keys if rest == k or rest.startswith(k + ".")), key=len, default=None)
+        if key is None:
+            place = f"under {'.'.join(where)!r}" if where else "at the top level"
+            raise ConfigError(
+                f"optimized_metric={path}: not in this run's metrics (metrics.json); "
+                f"available {place}: {', '.join(keys) or '(none: a value, not a group)'}"
+            )
+        node = node[key] if isinstance(node, Mapping) else node[int(key)]
+        rest, where = rest[len(key) + 1 :], [*where, key]
+    if isinstance(node, (Mapping, list, tuple)):
+        inside = ", ".join(map(str, node)) if isinstance(node, Mapping) else f"indices 0-{len(node) - 1}"
+        raise ConfigError(f"optimized_metric={path}: a group, not a number; keys in it: {inside}")
+    if isinstance(node, bool) or not isinstance(node, numbers.Real):  # numpy scalars are Real too
+        raise ConfigError(f"optimized_metric={path}: a {type(node).__name__}, not a number")
+    return float(node)
