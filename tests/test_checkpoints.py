@@ -72,6 +72,7 @@ def test_a_non_editable_install_finds_the_shipped_model(tmp_path: Path) -> None:
         PROJECT_ROOT / "src" / "xray", source / "src" / "xray", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copytree(PROJECT_ROOT / "models", source / "models")
+    shutil.copytree(PROJECT_ROOT / "conf", source / "conf")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), str(source)],
@@ -96,7 +97,29 @@ def test_a_non_editable_install_finds_the_shipped_model(tmp_path: Path) -> None:
     module_file, shipped = proc.stdout.split("\n")[:2]
     assert Path(module_file).is_relative_to(site)  # the installed copy, not this checkout
     assert f"{prefix}/share/xray/models/{PRETRAINED_NAME}" in shipped
+    # python -m xray.ood composes conf/ood.yaml from the installed copy of conf/ (cli.CONFIG_DIR)
+    tool = subprocess.run(
+        [sys.executable, "-m", "xray.ood", "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(site)},
+    )  # fmt: skip
+    assert tool.returncode == 0 and "n_family:" in tool.stdout, tool.stderr[-2000:]
     check = subprocess.run(
         [sys.executable, "-c", "import xray"], cwd=tmp_path, capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr[-2000:]  # this environment's own install is untouched
+
+
+def test_every_config_group_is_installed_with_the_package() -> None:
+    """pyproject's data-files list each conf/ folder (setuptools globs do not recurse): a new group
+    left out would be missing after ``pip install .``."""
+    import tomllib
+
+    from tests.conftest import PROJECT_ROOT
+
+    data_files = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "data-files"
+    ]
+    folders = ["conf"] + sorted(f"conf/{d.name}" for d in (PROJECT_ROOT / "conf").iterdir() if d.is_dir())
+    for folder in folders:
+        assert data_files.get(f"share/xray/{folder}") == [f"{folder}/*.yaml"], folder
+        assert not [d for d in (PROJECT_ROOT / folder).iterdir() if d.is_dir() and folder != "conf"], folder

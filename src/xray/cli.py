@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from xray.locations import locate
+
 EXIT_USER_ERROR = 2
 """Exit code for bad configuration, data or checkpoints: a message, no traceback."""
 
@@ -22,7 +24,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, PermissionError)
 
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_DIR = str(locate("conf"))
 
 
 def hydra_entry(config_name: str, run: Callable[[Any], int]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,28 +27,18 @@ from xray.checkpoints import (
     load_model,
 )
 from xray.data.encoding import SourceEncoding
+from xray.locations import candidates, locate
 from xray.ood import FeatureGaussian
 
 PRETRAINED_NAME = "xray_gpu_transfer"
 
 
 def shipped_model_candidates() -> list[Path]:
-    """Where ``ckpt=pretrained`` looks, in order: ``models/`` of a source checkout (editable installs),
-    then the copy that ``pip install .`` puts under ``PREFIX/share/xray/models`` (pyproject's
-    data-files), for the prefix this package is installed in and for the running interpreter's."""
-    here = Path(__file__).resolve()
-    share = Path("share") / "xray" / "models" / PRETRAINED_NAME
-    candidates = [here.parents[2] / "models" / PRETRAINED_NAME]
-    if len(here.parents) > 4:  # PREFIX/lib/pythonX.Y/site-packages/xray/predictor.py
-        candidates.append(here.parents[4] / share)
-    candidates.append(Path(sys.prefix) / share)
-    return list(dict.fromkeys(candidates))
+    """Where ``ckpt=pretrained`` looks, in order (:func:`xray.locations.candidates`)."""
+    return candidates(f"models/{PRETRAINED_NAME}")
 
 
-_CANDIDATES = shipped_model_candidates()
-
-
-PRETRAINED_PATH = next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[0])
+PRETRAINED_PATH = locate(f"models/{PRETRAINED_NAME}")
 
 
 MANIFEST_NAME = "ensemble.json"
