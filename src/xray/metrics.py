@@ -140,7 +140,7 @@ def classification_metrics(probs: _ArrayLike, labels: _ArrayLike, threshold: flo
         "auroc": float(binary_auroc(p, y)) if 0 < n_pos < n else math.nan,
         "average_precision": float(binary_average_precision(p, y)) if n_pos > 0 else math.nan,
         "brier": float(((p.double() - y) ** 2).mean()),
-        "ece": expected_calibration_error(p, y),
+        "ece": float(binary_calibration_error(p, y, n_bins=ECE_BINS, norm="l1")),  # = expected_calibration_error
         "tn": tn,
         "fp": fp,
         "fn": fn,
