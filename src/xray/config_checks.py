@@ -9,12 +9,12 @@ from __future__ import annotations
 import inspect
 import numbers
 from collections.abc import Callable
-from typing import Any
-
-from hydra.utils import get_method
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from typing import TYPE_CHECKING, Any
 
 from xray.errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 class ConfigError(UserError, ValueError):
@@ -65,6 +65,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def _check_targets(node: Any, path: str) -> None:
     """Every key under a ``_target_`` must be a parameter of that target (unless it takes **kwargs)."""
+    from hydra.utils import get_method  # here, not at import: the constructors' checks need no Hydra
+    from omegaconf import DictConfig, ListConfig
+
     if isinstance(node, DictConfig):
         target = node._get_node("_target_")._value() if "_target_" in node else None
         if isinstance(target, str):
@@ -94,6 +97,8 @@ def _check_targets(node: Any, path: str) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first bad key: type and range rules, then unknown constructor keys."""
+    from omegaconf import ListConfig, OmegaConf
+
     for key, (check, expected) in RULES.items():
         parent_key, _, leaf = key.rpartition(".")
         parent = OmegaConf.select(cfg, parent_key, default=None)

@@ -125,10 +125,8 @@ class XRayDataModule(LightningDataModule):
         self.train_limit_per_class = train_limit_per_class
         self.augment = dict(augment) if augment else None
         if self.augment:
-            try:
-                KerasRandomAffine(
-                    **self.augment
-                )  # validate the Keras parameters now, before any data is read
+            try:  # validate the Keras parameters now, before any data is read
+                KerasRandomAffine(**self.augment)
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"data.augment: {err}") from None
         self.augment_on = augment_on
