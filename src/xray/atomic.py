@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,3 +29,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of UTF-8 text (reports, JSON, CSV)."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Sequence[Any]]) -> Path:
+    """:func:`atomic_write_text` of CSV rows (the header first), as :mod:`csv` writes them."""
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())

@@ -20,9 +20,7 @@ checkpoint, a missing or empty input, or a bad setting.
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import logging
 import math
 import os
@@ -36,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from xray.atomic import atomic_write_text
+from xray.atomic import atomic_write_csv
 from xray.calibration import apply_temperature
 from xray.checkpoints import LoadedModel
 from xray.config_checks import ConfigError
@@ -427,22 +425,19 @@ def _fmt(value: float | None) -> str:
 def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Path:
     """:data:`CSV_COLUMNS`; prob, label, ood_score and warning empty on error rows (ood_score also when
     the checkpoint has no OOD statistics)."""
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
-    for row in rows:
-        writer.writerow(
-            [
-                row.path,
-                _fmt(row.prob_pneumonia),
-                row.label or "",
-                f"{row.threshold:.8g}",
-                "" if row.ood_score is None else f"{row.ood_score:.4f}",
-                row.warning,
-                row.error or "",
-            ]
-        )
-    return atomic_write_text(path, buffer.getvalue())
+    body = (
+        [
+            row.path,
+            _fmt(row.prob_pneumonia),
+            row.label or "",
+            f"{row.threshold:.8g}",
+            "" if row.ood_score is None else f"{row.ood_score:.4f}",
+            row.warning,
+            row.error or "",
+        ]
+        for row in rows
+    )
+    return atomic_write_csv(path, [CSV_COLUMNS, *body])
 
 
 def label_metrics(rows: Sequence[PredictionRow], threshold: float) -> dict[str, Any] | None:

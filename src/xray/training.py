@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from xray.atomic import atomic_write_csv
 from xray.calibration import apply_temperature, fit_temperature, log_loss
 from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
 from xray.config_checks import ConfigError, instantiate, validate_config
@@ -269,29 +270,20 @@ def write_predictions(
     probs: torch.Tensor,
 ) -> Path:
     """``val_predictions.csv``: path, label, raw logit, calibrated probability; what ``xray.cv`` pools."""
-    import csv
-
     records = datamodule.datasets["val"].records
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "logit", "prob"])
-        for i, y, z, p in zip(index.tolist(), labels.tolist(), logits.tolist(), probs.tolist(), strict=True):
-            writer.writerow([str(records[i].path), int(y), f"{z:.6g}", f"{p:.6g}"])
-    return path
+    rows = zip(index.tolist(), labels.tolist(), logits.tolist(), probs.tolist(), strict=True)
+    body = ([str(records[i].path), int(y), f"{z:.6g}", f"{p:.6g}"] for i, y, z, p in rows)
+    return atomic_write_csv(path, [["path", "label", "logit", "prob"], *body])
 
 
 def write_shift_predictions(path: Path, shifted: dict[str, torch.Tensor], labels: torch.Tensor) -> Path:
     """``val_shift_predictions.csv``: shift, label, raw logit per (shift, image); ``xray.cv`` pools them."""
-    import csv
-
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["shift", "label", "logit"])
-        for name, values in shifted.items():
-            writer.writerows(
-                [name, int(y), f"{z:.6g}"] for y, z in zip(labels.tolist(), values.tolist(), strict=True)
-            )
-    return path
+    body = (
+        [name, int(y), f"{z:.6g}"]
+        for name, values in shifted.items()
+        for y, z in zip(labels.tolist(), values.tolist(), strict=True)
+    )
+    return atomic_write_csv(path, [["shift", "label", "logit"], *body])
 
 
 def report_config(cfg: DictConfig, trainer: L.Trainer, model: Any) -> dict[str, Any]:
