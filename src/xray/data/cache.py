@@ -1,9 +1,6 @@
-"""Decoded-image cache: every image decoded, made grayscale and resized once, then memory-mapped.
-
-Steady-state epochs then read uint8 arrays instead of re-decoding JPEGs. A cache file is keyed by the
-list of source files (path, size, mtime), the image size, the interpolation and the reader version,
-so a changed dataset or setting builds a new one. Files are written to a temporary name and renamed
-when complete: an interrupted build never looks finished.
+"""Decoded-image cache: every image decoded, made grayscale and resized once, so that epochs read uint8
+arrays instead of re-decoding JPEGs. Keyed by the source files (path, size, mtime), the settings and the
+reader version; written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -124,18 +121,20 @@ def build_cache(
     jobs = [(p, image_size, interpolation) for p in paths]
     bar = tqdm(total=len(paths), desc=f"Caching {len(paths)} images at {image_size}px", disable=not progress)
     try:
-        if num_workers > 0:
-            with ProcessPoolExecutor(max_workers=num_workers) as pool:
-                results = pool.map(_decode_one, jobs, chunksize=32)
-                _fill(array, paths, results, errors, bar)
-        else:
-            _fill(array, paths, map(_decode_one, jobs), errors, bar)
+        pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 0 else contextlib.nullcontext()
+        with pool:
+            results = pool.map(_decode_one, jobs, chunksize=32) if num_workers > 0 else map(_decode_one, jobs)
+            for i, (image, error) in enumerate(results):
+                if error is not None:
+                    errors[paths[i]] = error
+                else:
+                    array[i] = image
+                bar.update(1)
         array.flush()
         del array
         os.replace(tmp_array, array_path)
-        tmp_manifest = manifest_path.with_name(
-            f"{manifest_path.stem}.{os.getpid()}.json.tmp"
-        )  # ranks build at once
+        # per-process temporary name: distributed ranks may build at once
+        tmp_manifest = manifest_path.with_name(f"{manifest_path.stem}.{os.getpid()}.json.tmp")
         tmp_manifest.write_text(
             json.dumps(
                 {
@@ -154,12 +153,3 @@ def build_cache(
             tmp_array.unlink()
     log.info("Built decoded cache %s (%d images, %d unreadable)", array_path, len(paths), len(errors))
     return DecodedCache(array_path, paths, errors)
-
-
-def _fill(array: np.ndarray, paths: list[str], results, errors: dict[str, str], bar) -> None:
-    for i, (image, error) in enumerate(results):
-        if error is not None:
-            errors[paths[i]] = error
-        else:
-            array[i] = image
-        bar.update(1)

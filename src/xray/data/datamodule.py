@@ -1,11 +1,7 @@
-"""The LightningDataModule: records -> uint8 batches; augmentation and rescale after transfer.
+"""The LightningDataModule: records -> uint8 ``(image (1,S,S), label, index)`` batches.
 
-Datasets yield ``(image uint8 (1,S,S), label, index)``. Training augmentation (the Keras affine and
-flips) runs per batch on the training device in ``on_after_batch_transfer``, so a GPU is never starved
-by CPU workers; ``augment_on="sample"`` applies the same transform per sample in the workers instead.
-Batches stay uint8 until they are on the device; on CUDA they come from pinned memory
-(``pin_memory=auto``) and the training loader copies the next batch on a side stream while the current
-one trains (``prefetch=auto``, :class:`xray.data.prefetch.DevicePrefetcher`).
+Rescale and training augmentation run per batch on the device in ``on_after_batch_transfer``, so a GPU
+is never starved by CPU workers (``augment_on="sample"`` runs them per sample in the workers instead).
 """
 
 from __future__ import annotations
@@ -18,12 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import (
-    DataLoader,
-    RandomSampler,
-    SequentialSampler,
-    WeightedRandomSampler,
-)
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, WeightedRandomSampler
 
 from xray.config_checks import ConfigError, is_int, is_num, require
 from xray.constants import CLASSES
@@ -204,15 +195,13 @@ class XRayDataModule(LightningDataModule):
         self.records = {"train": train, "val": val}
         if self.record_encoding:  # the training files' own size and JPEG quality, when they share one
             self.source_encoding = detect_source_encoding(r.path for r in train)
-        sources = {"train": "train", "val": "val" if self.val_source == "official" else "train"}
         if "test" in folders:
             self.records["test"] = folders["test"]
-            sources["test"] = "test"
         for split, records in self.records.items():
             self.records[split] = records = [r for r in records if str(r.path) not in self.bad_files]
             if not records:
                 raise BadImagesError(f"No readable images left in the '{split}' split under {self.root}")
-            cache, rows = checked[sources[split]]
+            cache, rows = checked[split if split in checked else "train"]  # val carved from train/
             sample_transform = None
             if split == "train" and self.augment and self.augment_on == "sample":
                 sample_transform = train_transform(self.augment)  # affine, flips, then rescale
@@ -302,8 +291,9 @@ class XRayDataModule(LightningDataModule):
             sampler = DistributedSamplerWrapper(sampler, shuffle=False)
         loader = self._loader(dataset, sampler)
         device = self.device()
-        prefetch = self.prefetch == "auto" and device is not None and device.type == "cuda"
-        if (prefetch or self.prefetch is True) and device is not None:
+        if device is not None and (
+            self.prefetch is True or (self.prefetch == "auto" and device.type == "cuda")
+        ):
             # the next uint8 batch is copied to the GPU on a side stream while this one trains
             return DevicePrefetcher(loader, device)  # type: ignore[return-value]
         return loader

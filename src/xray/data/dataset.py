@@ -51,13 +51,12 @@ class XRayDataset(Dataset):
 
     def image(self, index: int) -> torch.Tensor:
         """uint8 (1, S, S) for one record."""
-        if self.cache is not None:
-            array = np.empty((1, self.image_size, self.image_size), dtype=np.uint8)
-            self.cache.read_rows(self.cache_rows[index : index + 1], array)
-            array = array[0]
-        else:
+        if self.cache is None:
             array = load_resized(self.records[index].path, self.image_size, self.interpolation)
-        return torch.from_numpy(array).unsqueeze(0)
+            return torch.from_numpy(array).unsqueeze(0)
+        array = np.empty((1, self.image_size, self.image_size), dtype=np.uint8)
+        self.cache.read_rows(self.cache_rows[index : index + 1], array)
+        return torch.from_numpy(array)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = self.image(index)
@@ -66,11 +65,7 @@ class XRayDataset(Dataset):
         return image, self.labels[index], index
 
     def __getitems__(self, indices: list[int]) -> Any:
-        """Batched read straight into one uint8 batch buffer, returned already collated.
-
-        Each image is one ``preadv`` from the cache file (in file order) into its place in the batch
-        (no per-image tensors to stack, one memory copy); ``collate_batches`` passes it through unchanged.
-        """
+        """From the cache, one ``preadv`` per image straight into the batch buffer, returned collated."""
         if self.cache is None or self.sample_transform is not None:
             return [self[i] for i in indices]
         block = np.empty((len(indices), 1, self.image_size, self.image_size), dtype=np.uint8)

@@ -1,23 +1,10 @@
-"""Getting the chest X-ray data: download, verify, unpack into the Kaggle/Kermany folder layout.
+"""Getting the chest X-ray data: download, verify and unpack it into the Kaggle/Kermany layout
+``ROOT/{train,test[,val]}/{NORMAL,PNEUMONIA}/*``, from the command line (``python -m xray.data.download``)
+or from training (:func:`ensure_dataset`).
 
-One implementation behind two entry points:
-
-* the command line, ``python -m xray.data.download [--source kermany|pneumoniamnist] [--root DIR]
-  [--size 64|128|224] [--yes]``;
-* :func:`ensure_dataset`, which training calls before scanning the data folder: it returns the root
-  when the data is there, downloads it when asked to (or when the user says yes at a terminal), and
-  otherwise raises :class:`DatasetNotFoundError` saying where it looked and how to get the data.
-
-Whatever the source, the result is the layout the rest of the product scans::
-
-    ROOT/train/{NORMAL,PNEUMONIA}/*   ROOT/test/{NORMAL,PNEUMONIA}/*   (ROOT/val/... when the source has one)
-
-Downloads go through pooch (on requests) into ``<file>.part``, resumed with an HTTP ``Range``
-request after an interruption; pooch checks the md5/sha256 and only then moves the file into place
-(the Kermany archive has no published digest: its zip CRCs are checked while unpacking). Unpacking
-goes to a temporary sibling of ROOT that is renamed onto ROOT only once complete, so ROOT never
-looks complete unless it is. Every failure raises :class:`DownloadError` (or
-:class:`DatasetNotFoundError`) with a message that says what failed and how to place the data by hand.
+Unpacking goes to a temporary sibling of ROOT that is renamed onto ROOT only once complete, so ROOT
+never looks complete unless it is. Every failure raises :class:`DownloadError` (or
+:class:`DatasetNotFoundError`) saying what failed and how to place the data by hand.
 """
 
 from __future__ import annotations
@@ -34,14 +21,12 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from xray.constants import CLASSES
 from xray.errors import UserError
-
-if TYPE_CHECKING:
-    import requests
 
 __all__ = [
     "DEFAULT_CACHE_DIRNAME",
@@ -64,8 +49,7 @@ KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
 MENDELEY_DOI = "10.17632/rscbjbr9sj.2"
 MENDELEY_URL = "https://data.mendeley.com/datasets/rscbjbr9sj/2"
 
-DEFAULT_CACHE_DIRNAME = ".downloads"
-"""Downloads (and their ``.part`` files) are kept in ``ROOT.parent / DEFAULT_CACHE_DIRNAME``."""
+DEFAULT_CACHE_DIRNAME = ".downloads"  # in ROOT.parent: downloads and their .part files
 
 _CHUNK = 1 << 20
 _JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
@@ -75,7 +59,7 @@ _JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def manual_instructions(root: str | Path | None = None) -> str:
-    """How to get the data by hand; the one hint every error message of this module ends with."""
+    """How to get the data by hand: the hint every error message of this module ends with."""
     where = str(root) if root is not None else "ROOT"
     return (
         "To get the data:\n"
@@ -105,11 +89,9 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
             f"Chest X-ray dataset not found at {self.root}",
             f"(looked for {self.root / 'train' / 'NORMAL'} and {self.root / 'train' / 'PNEUMONIA'}, "
             "each holding at least one image).",
+            *([reason] if reason else []),
         ]
-        if reason:
-            lines.append(reason)
-        message = "\n".join(lines) + "\n\n" + manual_instructions(self.root)
-        super().__init__(message)
+        super().__init__("\n".join(lines) + "\n\n" + manual_instructions(self.root))
 
     def __str__(self) -> str:  # FileNotFoundError would format (errno, strerror) otherwise
         return str(self.args[0])
@@ -137,9 +119,8 @@ def _hint_root(root: Path) -> Iterator[None]:
 class Source:
     """Where one dataset comes from and how to check it.
 
-    ``url`` and ``filename`` may contain ``{size}``; ``md5``/``sha256`` map an image size to a digest
-    (key ``None`` when the file does not depend on the size). A missing digest means: the transfer is
-    checked against the server's Content-Length and, for zip archives, every member's CRC on unpacking.
+    ``url``, ``filename`` and ``default_root`` may contain ``{size}``; the mappings are keyed by size
+    (``None`` when the file does not depend on it). Without a digest, zip CRCs are checked on unpacking.
     """
 
     name: str
@@ -199,10 +180,7 @@ SOURCES: dict[str, Source] = {
         ),
         filename="ChestXRay2017.zip",
         kind="zip",
-        approx_size={None: "~1.2 GB"},
-        # No published checksum: verified by Content-Length and zip CRCs. Put a sha256 here once known.
-        sha256={},
-        default_root="data/chest_xray",
+        approx_size={None: "~1.2 GB"},  # no published checksum: put a sha256 here once known
     ),
     "pneumoniamnist": Source(
         name="pneumoniamnist",
@@ -249,48 +227,44 @@ def _write_chunk(fh: BinaryIO, chunk: bytes) -> None:
     fh.write(chunk)
 
 
-class _ResumingDownloader:
+def _resuming_download(
+    url: str, output_file: str, pooch: object, *, part: Path, progress: bool, timeout: float
+) -> None:
     """A pooch downloader that keeps an interrupted transfer in ``part`` and asks only for the rest.
 
-    The Kermany archive is 1.2 GB, so a cut connection should not start it over. ``Range: bytes=N-``
-    is answered with 206 (appended), 200 (a server that ignores Range: start over) or 416 (nothing
-    left: the .part is complete). pooch then checks the hash, and unpacking checks the zip CRCs.
+    The Kermany archive is 1.2 GB, so a cut connection resumes with ``Range: bytes=N-``: 206 appends,
+    200 (Range ignored) starts over, 416 means the .part is complete. pooch then checks the hash.
     """
+    import requests
+    import urllib3
+    from tqdm.auto import tqdm
 
-    def __init__(self, part: Path, *, progress: bool, timeout: float) -> None:
-        self.part, self.progress, self.timeout = part, progress, timeout
-
-    def __call__(self, url: str, output_file: str, pooch: object) -> None:
-        import requests
-        import urllib3
-        from tqdm.auto import tqdm
-
-        offset = self.part.stat().st_size if self.part.exists() else 0
-        headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={offset}-"} if offset else {})
-        with requests.get(url, headers=headers, stream=True, timeout=self.timeout) as response:
-            if response.status_code != 416 or not offset:
-                response.raise_for_status()
-                offset = offset if response.status_code == 206 else 0
-                length_header = response.headers.get("Content-Length", "")
-                length = int(length_header) if length_header.isdigit() else None
-                bar = tqdm(
-                    total=length and offset + length,
-                    initial=offset,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=self.part.stem,
-                    disable=not self.progress,
-                    leave=False,
-                )
-                with open(self.part, "ab" if offset else "wb") as fh, bar:
-                    try:  # raw: requests' iter_content drops the last partial chunk of a cut transfer
-                        for chunk in response.raw.stream(_CHUNK, decode_content=False):
-                            _write_chunk(fh, chunk)
-                            bar.update(len(chunk))
-                    except urllib3.exceptions.HTTPError as exc:  # cut short, read timeout
-                        raise _Interrupted(f"{type(exc).__name__} after {fh.tell()} bytes") from exc
-        os.replace(self.part, output_file)
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={offset}-"} if offset else {})
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+        if response.status_code != 416 or not offset:
+            response.raise_for_status()
+            offset = offset if response.status_code == 206 else 0
+            length_header = response.headers.get("Content-Length", "")
+            length = int(length_header) if length_header.isdigit() else None
+            bar = tqdm(
+                total=length and offset + length,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.stem,
+                disable=not progress,
+                leave=False,
+            )
+            with open(part, "ab" if offset else "wb") as fh, bar:
+                try:  # raw: requests' iter_content drops the last partial chunk of a cut transfer
+                    for chunk in response.raw.stream(_CHUNK, decode_content=False):
+                        _write_chunk(fh, chunk)
+                        bar.update(len(chunk))
+                except urllib3.exceptions.HTTPError as exc:  # cut short, read timeout
+                    raise _Interrupted(f"{type(exc).__name__} after {fh.tell()} bytes") from exc
+    os.replace(part, output_file)
 
 
 def _disk_error(exc: OSError, path: Path) -> DownloadError:
@@ -309,18 +283,6 @@ def _disk_error(exc: OSError, path: Path) -> DownloadError:
     )
 
 
-def _http_error(response: requests.Response, url: str) -> DownloadError:
-    code = response.status_code
-    hint = ""
-    if code == 404:
-        hint = "\nThe file is not (or no longer) at that address."
-    elif code in (401, 403):
-        hint = "\nThe server refused access (it may require a login or a browser); download it by hand."
-    elif code == 429 or code >= 500:
-        hint = "\nThe server is busy or failing; try again later (a partial download is kept and resumes)."
-    return DownloadError(f"Download failed: HTTP {code} {response.reason} for {url}.{hint}")
-
-
 def _download_error(
     exc: _Interrupted | ValueError | OSError, url: str, part: Path, timeout: float
 ) -> DownloadError:
@@ -333,7 +295,15 @@ def _download_error(
             f"The partial file {part} is kept: run the same command again to resume."
         )
     if isinstance(exc, requests.HTTPError):
-        return _http_error(exc.response, url)
+        code, hint = exc.response.status_code, ""
+        if code == 404:
+            hint = "The file is not (or no longer) at that address."
+        elif code in (401, 403):
+            hint = "The server refused access (it may require a login or a browser); download it by hand."
+        elif code == 429 or code >= 500:
+            hint = "The server is busy or failing; try again later (a partial download is kept and resumes)."
+        hint = f"\n{hint}" if hint else ""
+        return DownloadError(f"Download failed: HTTP {code} {exc.response.reason} for {url}.{hint}")
     if isinstance(exc, requests.RequestException):
         reason = getattr(exc.args[0], "reason", exc.args[0]) if exc.args else exc  # urllib3's cause
         what = f"timed out after {timeout:g} s" if isinstance(exc, requests.Timeout) else str(reason)
@@ -358,11 +328,8 @@ def download_file(
 ) -> Path:
     """Download ``url`` to ``dest`` with pooch; only a complete file that matches ``known_hash`` lands there.
 
-    ``known_hash`` is pooch's ``"md5:..."`` / ``"sha256:..."``. An existing ``dest`` that matches it
-    (or any existing ``dest`` when there is no hash) is returned without network access. A transfer
-    cut short is retried ``retries`` times; the bytes that arrived stay in ``dest.part`` and the
-    next try (or the next run) asks only for the rest. Every failure raises :class:`DownloadError`
-    (network, HTTP status, checksum, disk full).
+    ``known_hash`` is pooch's ``"md5:..."`` / ``"sha256:..."``; a matching ``dest`` (any, without a hash)
+    is returned without network access. A cut transfer is retried ``retries`` times, resuming ``dest.part``.
     """
     import pooch
 
@@ -373,7 +340,7 @@ def download_file(
     store = pooch.create(
         path=dest.parent, base_url="", registry={dest.name: known_hash}, urls={dest.name: url}
     )
-    downloader = _ResumingDownloader(part, progress=progress, timeout=timeout)
+    downloader = partial(_resuming_download, part=part, progress=progress, timeout=timeout)
     pooch.get_logger().setLevel(logging.WARNING)  # our own messages say what is downloaded where
     attempt = 0
     while True:
@@ -389,40 +356,37 @@ def download_file(
 # --------------------------------------------------------------------------------------------- layout
 
 
-def _has_file(directory: Path) -> bool:
-    try:
-        return any(p.is_file() and not p.name.startswith(".") for p in directory.iterdir())
-    except OSError:
-        return False
+def _visible_files(directory: Path) -> Iterator[Path]:
+    """Non-hidden files directly in ``directory``; none when it is missing or unreadable."""
+    with suppress(OSError):
+        yield from (p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def dataset_present(root: str | Path) -> bool:
     """True when ``root/train/NORMAL`` and ``root/train/PNEUMONIA`` exist and each holds a file."""
-    root = Path(root)
-    return all(_has_file(root / "train" / name) for name in CLASSES)
+    return all(any(_visible_files(Path(root) / "train" / name)) for name in CLASSES)
 
 
 def _count_images(root: Path) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    for split in ("train", "val", "test"):
-        if (root / split).is_dir():
-            counts[split] = {
-                name: sum(
-                    1 for p in (root / split / name).glob("*") if p.is_file() and not p.name.startswith(".")
-                )
-                if (root / split / name).is_dir()
-                else 0
-                for name in CLASSES
-            }
-    return counts
+    return {
+        split: {name: sum(1 for _ in _visible_files(root / split / name)) for name in CLASSES}
+        for split in ("train", "val", "test")
+        if (root / split).is_dir()
+    }
 
 
-def _make_tmp_sibling(root: Path, tag: str) -> Path:
+@contextmanager
+def _staging(root: Path, tag: str) -> Iterator[Path]:
+    """A temporary sibling of ``root`` to build the dataset in, removed afterwards whatever happens."""
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{root.name}.{tag}-", dir=root.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{tag}-", dir=root.parent))
     except OSError as exc:
         raise _disk_error(exc, root) from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _install(src: Path, root: Path) -> None:
@@ -449,11 +413,8 @@ def _is_junk(name: str) -> bool:
 
 
 def _find_dataset_dir(base: Path, max_depth: int = 4) -> Path | None:
-    """The directory under ``base`` that holds train/NORMAL and train/PNEUMONIA with the most files.
-
-    The archive may nest it (``chest_xray/...``, ``ChestXRay2017/chest_xray/...``,
-    ``chest_xray/chest_xray/...``); ties go to the shallowest.
-    """
+    """The directory under ``base`` (archives nest it) whose train/NORMAL and train/PNEUMONIA hold the
+    most files; ties go to the shallowest."""
     best: tuple[int, int, Path] | None = None
     frontier = [(base, 0)]
     while frontier:
@@ -470,11 +431,8 @@ def _find_dataset_dir(base: Path, max_depth: int = 4) -> Path | None:
 def extract_kermany(zip_path: str | Path, root: str | Path) -> Path:
     """Unpack the Kermany archive (``ChestXRay2017.zip`` or the Kaggle zip) so that ROOT/train/... exists.
 
-    Members under ``__MACOSX/``, ``.DS_Store`` and ``._*`` files are skipped. ``ZipFile.extract``
-    drops absolute prefixes and ``..`` from member names, so nothing lands outside the temporary
-    sibling of ``root`` it unpacks into (zip-slip). The ``chest_xray`` folder is located inside
-    (however nested), checked (train/NORMAL and train/PNEUMONIA non-empty) and renamed onto
-    ``root``. On any failure the temporary directory is removed and ``root`` is left as it was.
+    OS junk is skipped; ``ZipFile.extract`` drops absolute prefixes and ``..`` (no zip-slip). On failure
+    ``root`` is left as it was.
     """
     zip_path, root = Path(zip_path), Path(root)
     with _hint_root(root):
@@ -484,21 +442,17 @@ def extract_kermany(zip_path: str | Path, root: str | Path) -> Path:
             raise _CorruptArchiveError(
                 f"{zip_path} is not a valid zip archive (truncated or corrupt download?): {exc}"
             ) from None
-        with zf:
-            tmp = _make_tmp_sibling(root, "extract")
-            try:
-                for info in zf.infolist():
-                    if not _is_junk(info.filename):
-                        _extract_member(zf, info, tmp, zip_path)
-                found = _find_dataset_dir(tmp)
-                if found is None or not dataset_present(found):
-                    raise DownloadError(
-                        f"{zip_path} does not contain the expected layout: no folder with non-empty "
-                        "train/NORMAL and train/PNEUMONIA (expected e.g. chest_xray/train/NORMAL)."
-                    )
-                _install(found, root)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        with zf, _staging(root, "extract") as tmp:
+            for info in zf.infolist():
+                if not _is_junk(info.filename):
+                    _extract_member(zf, info, tmp, zip_path)
+            found = _find_dataset_dir(tmp)
+            if found is None or not dataset_present(found):
+                raise DownloadError(
+                    f"{zip_path} does not contain the expected layout: no folder with non-empty "
+                    "train/NORMAL and train/PNEUMONIA (expected e.g. chest_xray/train/NORMAL)."
+                )
+            _install(found, root)
     return root
 
 
@@ -548,19 +502,10 @@ def _write_pmnist_split(data: Any, split: str, tmp: Path, npz_path: Path) -> boo
 
 
 def convert_pneumoniamnist(npz_path: str | Path, root: str | Path) -> Path:
-    """Write a MedMNIST PneumoniaMNIST ``.npz`` as PNG files in the Kaggle layout under ``root``.
+    """Write a MedMNIST PneumoniaMNIST ``.npz`` as ``root/{train,val,test}/CLASS/pmnist_<split>_<NNNNN>.png``.
 
-    ``root/{train,val,test}/{NORMAL,PNEUMONIA}/pmnist_<split>_<NNNNN>.png`` (1-based index within the
-    split); label 0 = NORMAL, 1 = PNEUMONIA, so the rest of the product scans it unchanged.
-
-    * The official MedMNIST validation split exists and is kept as ``val/`` (MedMNIST split the
-      source training set 9:1 into train/val, and uses the source's own test set as test).
-    * These images carry no patient ids: each image is its own group for any patient-grouped split,
-      so a validation set carved from train may put films of one patient on both sides; prefer the
-      official ``val/``.
-
-    Written into a temporary sibling and renamed onto ``root`` at the end, so ``root`` never looks
-    complete unless it is; on failure the temporary directory is removed.
+    The official ``val/`` is kept: the images carry no patient ids, so a validation set carved from
+    train may put films of one patient on both sides.
     """
     import numpy as np
 
@@ -572,17 +517,13 @@ def convert_pneumoniamnist(npz_path: str | Path, root: str | Path) -> Path:
             raise _CorruptArchiveError(
                 f"Cannot read {npz_path} as a .npz file (corrupt download?): {exc}"
             ) from None
-        tmp = _make_tmp_sibling(root, "convert")
-        try:
-            with data:
-                for split in ("train", "val", "test"):
-                    if not _write_pmnist_split(data, split, tmp, npz_path) and split == "train":
-                        raise DownloadError(f"{npz_path} has no train_images/train_labels arrays.")
+        with data, _staging(root, "convert") as tmp:
+            for split in ("train", "val", "test"):
+                if not _write_pmnist_split(data, split, tmp, npz_path) and split == "train":
+                    raise DownloadError(f"{npz_path} has no train_images/train_labels arrays.")
             if not dataset_present(tmp):
                 raise DownloadError(f"{npz_path}: the training split lacks one of the classes {CLASSES}.")
             _install(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -611,23 +552,20 @@ def download_dataset(
 ) -> Path:
     """Download ``source`` and lay it out under ``root``; returns ``root``. A no-op when it is present.
 
-    The download lives in ``cache_dir`` (default ``root.parent / ".downloads"``) so that an
-    interrupted run resumes; the archive is deleted after a successful unpack unless
-    ``keep_archive``. ``url``/``md5``/``sha256`` override the source's (mirrors, tests); a bad
-    archive (not a zip, CRC error) is deleted so that the next run downloads it afresh.
+    The download stays in ``cache_dir`` (default ``root.parent / ".downloads"``) until unpacked, so an
+    interrupted run resumes. ``url``/``md5``/``sha256`` override the source's (mirrors, tests).
     """
     root = Path(root).expanduser()
     if dataset_present(root):
         return root
     spec = get_source(source)
-    key = size if spec.sizes else None
     with _hint_root(root):
         cache = Path(cache_dir).expanduser() if cache_dir is not None else root.parent / DEFAULT_CACHE_DIRNAME
-        archive = cache / spec.filename_for(key)
+        archive = cache / spec.filename_for(size)
         download_file(
-            url or spec.url_for(key),
+            url or spec.url_for(size),
             archive,
-            known_hash=_known_hash(md5, sha256) or _known_hash(spec.md5_for(key), spec.sha256_for(key)),
+            known_hash=_known_hash(md5, sha256) or _known_hash(spec.md5_for(size), spec.sha256_for(size)),
             progress=progress,
             timeout=timeout,
             retries=retries,
@@ -671,25 +609,19 @@ def ensure_dataset(
     interactive: bool | None = None,
     **download_kwargs: Any,
 ) -> Path:
-    """Return ``root`` when it holds the dataset; otherwise get it or say how to.
-
-    * ``download=True``: download and unpack ``source`` (see :func:`download_dataset`; extra keyword
-      arguments such as ``url=`` or ``cache_dir=`` are passed on).
-    * ``download=False`` and interactive (default: stdin is a terminal): ask
-      ``Download ... to ROOT? [y/N]``.
-    * Otherwise raise :class:`DatasetNotFoundError` naming ROOT and the download command.
-    """
+    """Return ``root`` when it holds the dataset; otherwise download it (``download=True``, extra keyword
+    arguments go to :func:`download_dataset`), ask at a terminal (``interactive``, default: stdin is a
+    tty), or raise :class:`DatasetNotFoundError` naming ROOT and the download command."""
     root = Path(root).expanduser()
     if dataset_present(root):
         return root
     spec = get_source(source)
-    key = size if spec.sizes else None
     if not download:
         if interactive is None:
             interactive = _stdin_is_tty()
         if not interactive:
             raise DatasetNotFoundError(root)
-        if not _ask(f"Dataset not found at {root}. Download {spec.describe(key)} to {root}? [y/N] "):
+        if not _ask(f"Dataset not found at {root}. Download {spec.describe(size)} to {root}? [y/N] "):
             raise DatasetNotFoundError(root, "Download declined.")
     return download_dataset(root, source, size, **download_kwargs)
 
@@ -709,20 +641,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--source", choices=sorted(SOURCES), default="kermany")
     parser.add_argument(
-        "--root",
-        type=Path,
-        default=None,
-        help="dataset root (default: data/chest_xray, or data/pneumoniamnist_SIZE)",
+        "--root", type=Path, help="dataset root (default: data/chest_xray, or data/pneumoniamnist_SIZE)"
     )
     parser.add_argument("--size", type=int, choices=(64, 128, 224), default=224, help="pneumoniamnist only")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    parser.add_argument("--url", default=None, help="download from this URL instead (a mirror)")
+    parser.add_argument("--url", help="download from this URL instead (a mirror)")
     digest = parser.add_mutually_exclusive_group()
-    digest.add_argument("--md5", default=None, help="expected md5 of the file at --url")
-    digest.add_argument("--sha256", default=None, help="expected sha256 of the file at --url")
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="where downloads go (default ROOT/../.downloads)"
-    )
+    digest.add_argument("--md5", help="expected md5 of the file at --url")
+    digest.add_argument("--sha256", help="expected sha256 of the file at --url")
+    parser.add_argument("--cache-dir", type=Path, help="where downloads go (default ROOT/../.downloads)")
     parser.add_argument(
         "--keep-archive", action="store_true", help="keep the downloaded file after unpacking"
     )
@@ -735,17 +662,17 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 error or declined, 130 interrupted)."""
     args = _parser().parse_args(argv)
     spec = SOURCES[args.source]
-    key = args.size if spec.sizes else None
-    root: Path = (args.root if args.root is not None else Path(spec.root_for(key))).expanduser()
+    root: Path = (args.root if args.root is not None else Path(spec.root_for(args.size))).expanduser()
+    what = spec.describe(args.size)
     try:
         if dataset_present(root):
             print(f"Dataset already present at {root}; nothing to do.")
             return 0
-        if not args.yes and _stdin_is_tty() and not _ask(f"Download {spec.describe(key)} to {root}? [y/N] "):
+        if not args.yes and _stdin_is_tty() and not _ask(f"Download {what} to {root}? [y/N] "):
             print("Aborted.", file=sys.stderr)
             return 1
         print(
-            f"Downloading {spec.describe(key)}\n  from {args.url or spec.url_for(key)}\n  licence {spec.license}: "
+            f"Downloading {what}\n  from {args.url or spec.url_for(args.size)}\n  licence {spec.license}: "
             f"{spec.citation}",
             file=sys.stderr,
         )

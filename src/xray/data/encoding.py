@@ -1,18 +1,11 @@
 """The training files' own encoding, remembered by the model and given to every input it predicts on.
 
-The shared Kermany training split is a public mirror's re-encode: every file squashed to 224x224 and
-saved as JPEG quality 75. The official test files (and a user's) are the originals, and a network
-trained on the re-encodes reads their missing compression texture as evidence: on 80 films held in
-both forms it gives the original a logit lower by 0.75 / 1.17 (NORMAL / PNEUMONIA, calibrated units)
-than its own 224 px copy. Giving an input the same encoding first (resize to the training files' size,
-JPEG at their quality, decode) removes most of that (models/README.md).
-
-:func:`detect_source_encoding` finds the encoding when every training file shares one (same pixel
-size, JPEG, one IJG quality); training stores it in the checkpoint's preprocessing as
-``source_encoding`` and prediction applies :func:`match_encoding` before its own resize. It is
-nearly idempotent on files that already have the encoding (training and validation files), and
-:func:`match_file_encoding` leaves those exactly as read. ``python -m xray.data.encoding CKPT --from DIR`` records it in checkpoints trained
-before it existed.
+The shared Kermany training split is a public mirror's re-encode (224x224, JPEG quality 75), while the
+test files and a user's are originals; a network trained on the re-encodes reads their missing
+compression texture as evidence (a logit lower by 0.75 / 1.17, NORMAL / PNEUMONIA, on 80 films held in
+both forms). Giving an input the same encoding first removes most of that (models/README.md).
+Training stores :func:`detect_source_encoding` in the checkpoint; prediction applies
+:func:`match_file_encoding`. ``python -m xray.data.encoding CKPT --from DIR`` stamps older checkpoints.
 """
 
 from __future__ import annotations
@@ -90,8 +83,7 @@ _QUALITY_BY_TABLE = {tuple(_ijg_table(q)): q for q in range(100, 0, -1)}  # ties
 def jpeg_quality(image: Image.Image) -> int | None:
     """The IJG quality that produced this JPEG's luminance table, None for other encoders or formats.
 
-    Pillow gives the tables in zig-zag order in some versions and natural order in others; both are
-    tried, since only one of them can equal a scaled standard table.
+    Pillow versions differ in giving tables in zig-zag or natural order: both are tried.
     """
     tables = getattr(image, "quantization", None)
     if image.format != "JPEG" or not tables or 0 not in tables:
@@ -123,10 +115,7 @@ def file_encoding(path: str | os.PathLike[str]) -> SourceEncoding | None:
 
 
 def detect_source_encoding(paths: Iterable[str | os.PathLike[str]]) -> SourceEncoding | None:
-    """The encoding every one of ``paths`` shares, or None (mixed sizes, qualities, formats, or none).
-
-    Reads headers only: the 5,216 training files take about a second.
-    """
+    """The encoding every one of ``paths`` shares, or None. Reads headers only (5,216 files: ~1 s)."""
     found: SourceEncoding | None = None
     for path in paths:
         enc = file_encoding(path)
@@ -159,22 +148,9 @@ def match_file_encoding(
     return image if file_encoding(path) == encoding else match_encoding(image, encoding)
 
 
-def _stamp(targets: list[Path], encoding: SourceEncoding | None) -> None:
-    from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
-
-    for path in targets:
-        meta = load_checkpoint_file(path)["xray"]
-        preprocessing = dict(meta["preprocessing"])
-        if encoding is None:
-            preprocessing.pop("source_encoding", None)
-        else:
-            preprocessing["source_encoding"] = encoding.to_meta()
-        update_checkpoint_meta(path, preprocessing=preprocessing)
-        print(f"{path}: source_encoding = {preprocessing.get('source_encoding')}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m xray.data.encoding CKPT_OR_FOLDER --from TRAIN_DIR``: record (or ``--clear``) it."""
+    from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
     from xray.data.records import find_images
 
     parser = argparse.ArgumentParser(prog="python -m xray.data.encoding", description=main.__doc__)
@@ -197,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    _stamp(targets, encoding)
+    for path in targets:
+        preprocessing = dict(load_checkpoint_file(path)["xray"]["preprocessing"])
+        if encoding is None:
+            preprocessing.pop("source_encoding", None)
+        else:
+            preprocessing["source_encoding"] = encoding.to_meta()
+        update_checkpoint_meta(path, preprocessing=preprocessing)
+        print(f"{path}: source_encoding = {preprocessing.get('source_encoding')}")
     return 0
 
 

@@ -1,66 +1,27 @@
-"""The one image reader of the product.
+"""The one image reader of the product: training, the decoded cache and prediction all read through
+:func:`read_image`, so a file is never decoded one way for training and another for prediction.
 
-Training, the decoded cache and prediction all read images through :func:`read_image`, so a file
-can never be decoded one way when the model is trained and another way when it predicts.
+The result is a contiguous ``torch.uint8`` tensor ``(1, H, W)``. Raster files are read with Pillow as
+Keras's ``load_img(color_mode="grayscale")`` does: the content picks the decoder, among JPEG/MPO, PNG,
+BMP/DIB, TIFF, WebP and GIF only; EXIF orientation is applied (a broken EXIF block is ignored); colour
+and other 8-bit modes go through ``Image.convert("L")`` (ITU-R 601-2 luma, alpha DROPPED, not
+composited); 16-bit data (and mode ``I`` within 0..65535) is scaled by the full range,
+``round(v * 255 / 65535)``, so a 16-bit export of an 8-bit image reads back exactly; float and other
+integer images are min/max scaled (a constant image gives 0; NaN/inf is an error). Multi-frame files
+give their first frame. DICOM (.dcm/.dicom or ``DICM`` at offset 128, via pydicom): first frame, the
+Modality LUT then the VOI LUT/window, min/max scaled, inverted for ``MONOCHROME1``; colour gives the
+same luma as raster images; compressed syntaxes need pydicom's optional decoders.
 
-Output
-    A contiguous ``torch.uint8`` tensor of shape ``(1, H, W)``: one grayscale channel.
-
-Raster files (.jpg .jpeg .png .bmp .tif .tiff .webp .gif), read with Pillow, as Keras's
-``load_img(color_mode="grayscale")`` does:
-
-* The content decides the decoder, not the extension (a PNG named ``.jpg`` is read as a PNG), but
-  only the JPEG (and MPO), PNG, BMP/DIB, TIFF, WebP and GIF decoders of Pillow are ever tried.
-* The EXIF orientation is applied (``ImageOps.exif_transpose``) to every raster format that carries
-  one (JPEG, PNG, WebP, TIFF): a phone photo of a film stored sideways with "rotate 90" in its EXIF is
-  read upright. An unreadable EXIF block is ignored (the image is used as stored). DICOM has no EXIF
-  and is never reoriented.
-* 8-bit grayscale (``L``) is used as is.
-* Colour and other 8-bit modes (``RGB``, ``RGBA``, ``LA``, ``P``, ``CMYK``, ``YCbCr``, ``1``...)
-  go through Pillow's ``Image.convert("L")``: ITU-R 601-2 luma, ``L = R*299/1000 + G*587/1000 +
-  B*114/1000``. Alpha is DROPPED, not composited onto a background: an RGBA image gives the luma of
-  its RGB part whatever its transparency (a palette image's transparency is ignored the same way).
-  ``1``-bit images give 0/255.
-* 16-bit integer grayscale (``I;16``, ``I;16B``, ...) is scaled by the FULL range of the bit depth,
-  ``round(v * 255 / 65535)``, not by the image's min/max, so a 16-bit export of an 8-bit image
-  (``v = x * 257``) reads back as exactly ``x``. 32-bit integer images (mode ``I``) whose values lie
-  within 0..65535 are treated as 16-bit data the same way (Pillow used to open 16-bit PNGs as ``I``);
-  ones with values outside that range are min/max scaled.
-* 32-bit float images (``F``) are min/max scaled to 0..255 (a constant image gives 0); NaN or
-  infinite values are an error.
-* Multi-page and animated files (TIFF pages, GIF and WebP frames) give their first frame;
-  :func:`read_image_info` also returns the frame count, so that prediction can warn about them. A
-  GIF's palette transparency is ignored like any other alpha.
-
-DICOM files (.dcm .dicom, or any file with ``DICM`` at byte offset 128), read with pydicom:
-
-* The first frame only; the Modality LUT (RescaleSlope/Intercept or LUT) then the VOI LUT or window
-  (``apply_modality_lut`` then ``apply_voi_lut``) are applied, then the result is min/max scaled to
-  0..255 (a constant image gives 0) and inverted (``255 - x``) for ``MONOCHROME1``.
-* Colour DICOM (RGB, YBR, PALETTE COLOR) gives the same luma as raster images; 8-bit colour is used as
-  is, deeper colour is first min/max scaled to 8 bits.
-* Compressed transfer syntaxes need pydicom's optional decoders (pylibjpeg, gdcm, ...); without one
-  the error names the transfer syntax and the package to install.
-
-:func:`read_image_info` returns the same tensor and an :class:`ImageInfo` (decoded width and height,
-frame count, format) from the same decode.
-
-Errors
-    Every failure is an :class:`ImageReadError` (a ``ValueError``) whose message is
-    ``"<path>: <reason>"``: missing file, directory, empty file, unsupported extension, not an image,
-    truncated or corrupt data, decompression bomb (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels,
-    checked from the header before any pixel is decoded; DICOM files too), DICOM without pixel data,
-    compressed DICOM without a decoder. No raw Pillow/pydicom exception escapes (``MemoryError`` and
-    ``KeyboardInterrupt`` do). Images are decoded fully here, so truncated files fail here rather
-    than later; ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False (this module never sets it
-    and refuses to run with a ``RuntimeError`` when something else in the process has set it).
-
-:func:`probe_image` is a cheap header-level check for data-module setup; :func:`read_image` is the
-authority (a file that passes the probe can still fail to decode, e.g. a truncated JPEG).
+Every failure is an :class:`ImageReadError` (a ``ValueError``) ``"<path>: <reason>"``, including
+decompression bombs (over ``PIL.Image.MAX_IMAGE_PIXELS``, checked from the header); no raw Pillow or
+pydicom exception escapes. Truncated files fail here: ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` must stay
+False (a ``RuntimeError`` otherwise). :func:`probe_image` is a cheap header-level check;
+:func:`read_image` is the authority.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import warnings
@@ -72,18 +33,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import (  # the plugins are imported so that Image.open(formats=...) knows them all
-    BmpImagePlugin,  # noqa: F401
-    GifImagePlugin,  # noqa: F401
-    Image,
-    ImageFile,
-    ImageOps,
-    JpegImagePlugin,  # noqa: F401
-    PngImagePlugin,  # noqa: F401
-    TiffImagePlugin,  # noqa: F401
-    UnidentifiedImageError,
-    WebPImagePlugin,  # noqa: F401
-)
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from xray.constants import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, RASTER_EXTENSIONS
 
@@ -102,6 +52,9 @@ except ImportError:  # pragma: no cover - pydicom 2.x
     _get_decoder = None
     _PYDICOM3 = False
 
+for _plugin in ("Bmp", "Gif", "Jpeg", "Png", "Tiff", "WebP"):  # so that Image.open(formats=...) knows them
+    importlib.import_module(f"PIL.{_plugin}ImagePlugin")
+
 __all__ = [
     "DICOM_EXTENSIONS",
     "RASTER_EXTENSIONS",
@@ -113,12 +66,9 @@ __all__ = [
     "read_image_info",
 ]
 
-SUPPORTED_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS
-"""Lowercase file extensions :func:`read_image` accepts (files with a DICOM preamble are accepted too):
-``xray.constants.IMAGE_EXTENSIONS``, the project's one list."""
+SUPPORTED_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS  # files with a DICOM preamble are read too
 
-# The only Pillow decoders ever tried: never EPS (Ghostscript) or other exotic plugins because of
-# what a file's bytes claim to be.
+# The only Pillow decoders ever tried: never EPS (Ghostscript) or other exotic plugins.
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "TIFF", "WEBP", "GIF")  # JPEG covers MPO (multi-picture JPEG)
 
 _DICOM_DECODER_HINT = (
@@ -146,11 +96,8 @@ class _Reason(Exception):
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What a file held before resizing: why prediction can warn about odd inputs.
-
-    ``width``/``height`` are those of the decoded (EXIF-oriented) image; ``frames`` the number of
-    frames or pages in the file (the first is the one read); ``format`` Pillow's name or ``DICOM``.
-    """
+    """The decoded (EXIF-oriented) size, frame count and format (Pillow's name or ``DICOM``) of a file,
+    so that prediction can warn about odd inputs."""
 
     width: int
     height: int
@@ -159,11 +106,7 @@ class ImageInfo:
 
 
 def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Read one image file as a contiguous ``torch.uint8`` tensor of shape ``(1, H, W)``.
-
-    See the module docstring for the exact conversions. Raises :class:`ImageReadError` for every
-    unreadable file.
-    """
+    """One image file as a contiguous ``torch.uint8`` ``(1, H, W)``; :class:`ImageReadError` if unreadable."""
     return read_image_info(path)[0]
 
 
@@ -198,11 +141,8 @@ def read_image_info(path: str | os.PathLike[str]) -> tuple[torch.Tensor, ImageIn
 def probe_image(path: str | os.PathLike[str]) -> str | None:
     """Cheap header-level check of one file: ``None`` when it looks readable, else the reason.
 
-    Checks existence, 0-byte files, the extension, that Pillow identifies the format (plus
-    ``Image.verify()``, which checks e.g. PNG chunk CRCs without decoding pixels) and the
-    decompression-bomb limit; for DICOM, that there is pixel data, its size and that a decoder for
-    its transfer syntax is installed. It does NOT decode pixels, so it can pass a file that
-    :func:`read_image` (the authority) rejects, such as a truncated JPEG.
+    ``Image.verify()`` checks e.g. PNG chunk CRCs, DICOM its pixel data and decoder, but no pixel is
+    decoded, so a truncated JPEG passes here and fails in :func:`read_image`.
     """
     p = Path(os.fspath(path))
     try:
@@ -350,7 +290,7 @@ def _read_raster(p: Path) -> tuple[np.ndarray, int, str]:
         except Exception:  # a broken EXIF block: use the image as stored
             oriented = img
         with _reason_for(f"cannot convert {fmt} image (mode {img.mode}) to grayscale"):
-            return _to_gray_uint8(oriented if oriented is not None else img), _frame_count(img), fmt
+            return _to_gray_uint8(oriented), _frame_count(img), fmt
 
 
 def _to_gray_uint8(img: Image.Image) -> np.ndarray:
@@ -361,8 +301,8 @@ def _to_gray_uint8(img: Image.Image) -> np.ndarray:
         return _minmax_uint8(np.asarray(img, dtype=np.float64), what="float image")
     if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I;16S, I
         values = np.asarray(img).astype(np.int64)
-        if values.size and values.min() >= 0 and values.max() <= 65535:
-            return _uint16_to_uint8(values)
+        if values.size and values.min() >= 0 and values.max() <= 65535:  # full 16-bit range, not min/max:
+            return ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535), never a tie
         return _minmax_uint8(values.astype(np.float64), what="integer image")
     # RGB, RGBA, LA, P, PA, CMYK, YCbCr, 1, ...: Pillow's ITU-R 601-2 luma (alpha ignored).
     try:
@@ -370,11 +310,6 @@ def _to_gray_uint8(img: Image.Image) -> np.ndarray:
     except ValueError:  # no direct conversion to L for this mode
         gray = img.convert("RGB").convert("L")
     return np.array(gray, dtype=np.uint8)
-
-
-def _uint16_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Full-range 16-bit -> 8-bit: round(v * 255 / 65535) == round(v / 257) (never a tie)."""
-    return ((values.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _minmax_uint8(values: np.ndarray, what: str) -> np.ndarray:
@@ -447,10 +382,6 @@ def _read_dicom(p: Path, has_preamble: bool) -> tuple[np.ndarray, int, str]:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
-    return _dicom_pixels(ds), frames, "DICOM"
-
-
-def _dicom_pixels(ds) -> np.ndarray:
     ts = ds.file_meta.get("TransferSyntaxUID")
     try:
         if _PYDICOM3:
@@ -480,10 +411,11 @@ def _dicom_pixels(ds) -> np.ndarray:
 
                 arr = convert_color_space(arr, photometric, "RGB")
             rgb = arr if arr.dtype == np.uint8 else _minmax_uint8(arr, what="DICOM image")
-            return np.array(Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB").convert("L"))
+            gray = Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB").convert("L")
+            return np.array(gray), frames, "DICOM"
         values = apply_modality_lut(arr, ds)
         values = apply_voi_lut(values, ds, index=0)
     out = _minmax_uint8(values, what="DICOM image")
     if photometric == "MONOCHROME1":  # 0 is white: invert so that bright = dense, as MONOCHROME2
         out = 255 - out
-    return out
+    return out, frames, "DICOM"

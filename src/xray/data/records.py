@@ -29,10 +29,6 @@ class Record:
     label: int
     patient: str
 
-    @property
-    def class_name(self) -> str:
-        return CLASSES[self.label]
-
 
 _PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
     # person1000_bacteria_2931.jpeg, person1000_virus_1681.jpeg -> person1000
@@ -84,24 +80,25 @@ def scan_split(root: str | Path, split: str) -> list[Record]:
     return records
 
 
+def _patients_by_label(records: Sequence[Record]) -> tuple[dict[str, list[int]], dict[int, list[str]]]:
+    """Record indices per patient, and patients (sorted) per majority label."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        groups[record.patient].append(i)
+    by_label: dict[int, list[str]] = defaultdict(list)
+    for patient, members in sorted(groups.items()):
+        by_label[Counter(records[i].label for i in members).most_common(1)[0][0]].append(patient)
+    return groups, by_label
+
+
 def split_by_patient(
     records: Sequence[Record], fraction: float = 0.1, seed: int = 42
 ) -> tuple[list[Record], list[Record]]:
-    """Stratified, patient-grouped split: (train, val).
-
-    Patients are grouped by their majority label and each label's patients are shuffled (seeded)
-    and taken into validation until that label reaches ``fraction`` of its images. A patient's
-    films are therefore always on one side.
-    """
+    """Stratified, patient-grouped split: (train, val). Each majority label's patients are shuffled
+    (seeded) and taken into validation until that label reaches ``fraction`` of its images."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
-    groups: dict[str, list[Record]] = defaultdict(list)
-    for record in records:
-        groups[record.patient].append(record)
-    by_label: dict[int, list[str]] = defaultdict(list)
-    for patient, members in sorted(groups.items()):
-        majority = Counter(r.label for r in members).most_common(1)[0][0]
-        by_label[majority].append(patient)
+    groups, by_label = _patients_by_label(records)
     rng = random.Random(seed)
     val_patients: set[str] = set()
     for label in sorted(by_label):
@@ -122,20 +119,12 @@ def split_by_patient(
 def patient_folds(records: Sequence[Record], n_folds: int, seed: int = 42) -> list[int]:
     """Fold number of each record: stratified by class, grouped by patient, seeded.
 
-    Patients are grouped by their majority label; each label's patients are shuffled (seeded), then
-    taken largest first (ties in shuffled order) and each given to the fold holding the fewest images
-    of that label so far. Every record is in exactly one fold, a patient's films all in the same one,
-    and each fold's class mix is close to the whole split's.
+    Each majority label's patients are shuffled (seeded), then taken largest first and given to the
+    fold holding the fewest images of that label so far.
     """
     if n_folds < 2:
         raise ValueError(f"data.n_folds must be at least 2, got {n_folds}")
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, record in enumerate(records):
-        groups[record.patient].append(i)
-    by_label: dict[int, list[str]] = defaultdict(list)
-    for patient, members in sorted(groups.items()):
-        majority = Counter(records[i].label for i in members).most_common(1)[0][0]
-        by_label[majority].append(patient)
+    groups, by_label = _patients_by_label(records)
     if len(groups) < n_folds:
         raise ValueError(f"data.n_folds={n_folds} is more than the {len(groups)} patients in the split")
     rng = random.Random(seed)
