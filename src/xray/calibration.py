@@ -1,8 +1,5 @@
-"""Temperature scaling: one scalar T so that ``sigmoid(logit / T)`` means what it says.
-
-Fitted on held-out logits (validation or out-of-fold) by minimising the log loss; T > 1 softens an
-over-confident network. It never changes the ranking (AUROC), only the probabilities, so a threshold
-must be chosen on the calibrated probabilities it will be applied to.
+"""Temperature scaling: one scalar T, fitted on held-out logits, so that ``sigmoid(logit / T)`` means
+what it says. It never changes the ranking (AUROC), so choose a threshold on the calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -28,10 +25,8 @@ def log_loss(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> float:
 
 
 def fit_temperature(logits: Tensor, labels: Tensor) -> float:
-    """The T in [0.05, 20] minimising the log loss of ``sigmoid(logits / T)``; 1.0 when undefined.
-
-    Optimises log T (so T stays positive) with L-BFGS in float64: the loss is convex in 1/T.
-    """
+    """The T in [T_MIN, T_MAX] minimising the log loss of ``sigmoid(logits / T)``; 1.0 when undefined.
+    L-BFGS on log T (so T stays positive) in float64."""
     z = logits.detach().double().reshape(-1)
     y = labels.detach().double().reshape(-1)
     if z.numel() == 0 or not torch.isfinite(z).all() or y.min() == y.max():

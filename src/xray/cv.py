@@ -1,14 +1,9 @@
 """Cross-validation report: pool the out-of-fold predictions of k fold runs into one estimate.
 
-``python train.py -m data.n_folds=5 data.fold=0,1,2,3,4`` trains k models, each validated on one
-patient-grouped fold of the training split. Every training image is then scored exactly once by a
-model that never saw its patient, so the pooled out-of-fold (OOF) predictions give a k-times larger
-validation set than any single run: one temperature and one threshold are fitted on it, and the
-per-fold spread shows how much a single run's numbers can be trusted.
-
-    python -m xray.cv logs/train/multiruns/<timestamp> [--threshold-rule youden] [--n-bootstrap 1000]
-
-writes ``cv_metrics.json`` and ``cv_report.md`` into the multirun folder (or ``--out``).
+After ``python train.py -m data.n_folds=5 data.fold=0,1,2,3,4`` every training image was scored once
+by a model that never saw its patient: a k-times larger validation set than one run's, on which one
+temperature and one threshold are fitted. ``python -m xray.cv logs/train/multiruns/<timestamp>``
+writes ``cv_metrics.json`` and ``cv_report.md`` into that folder (or ``--out``).
 """
 
 from __future__ import annotations
@@ -85,10 +80,7 @@ class FoldRun:
 # ------------------------------------------------------------------------------------------ discovery
 def _read_predictions(path: Path) -> Predictions:
     """Parse ``val_predictions.csv``; any malformed row is an error naming the file and line."""
-    paths: list[str] = []
-    labels: list[int] = []
-    logits: list[float] = []
-    probs: list[float] = []
+    rows: list[tuple[str, int, float, float]] = []  # prob nan when absent: rebuilt as sigmoid(logit), T = 1
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -109,30 +101,20 @@ def _read_predictions(path: Path) -> Predictions:
                     )
                 if not math.isfinite(logit):
                     raise CVError(f"{path}:{line}: logit is not finite ({row['logit']})")
-                paths.append(row["path"])
-                labels.append(int(label))
-                logits.append(logit)
-                probs.append(prob)
+                rows.append((row["path"], int(label), logit, prob))
     except OSError as err:
         raise CVError(f"{path}: cannot read ({err.strerror or err})") from None
     except UnicodeDecodeError:
         raise CVError(f"{path}: not a UTF-8 CSV file") from None
-    if not paths:
+    if not rows:
         raise CVError(f"{path}: no predictions (empty file)")
+    paths, labels, logits, probs = (list(column) for column in zip(*rows, strict=True))
     if len(set(paths)) != len(paths):
         dup = next(p for i, p in enumerate(paths) if p in paths[:i])
         raise CVError(f"{path}: image {dup!r} appears more than once")
-    prob_t = torch.tensor(probs, dtype=torch.float64)
-    if not bool(torch.isfinite(prob_t).all()):  # no prob column: rebuild it as sigmoid(logit) (T = 1)
-        prob_t = torch.where(
-            torch.isfinite(prob_t), prob_t, torch.sigmoid(torch.tensor(logits, dtype=torch.float64))
-        )
-    return Predictions(
-        paths=paths,
-        labels=torch.tensor(labels, dtype=torch.int64),
-        logits=torch.tensor(logits, dtype=torch.float64),
-        probs=prob_t.clamp(0.0, 1.0),
-    )
+    logit_t, prob_t = torch.tensor(logits, dtype=torch.float64), torch.tensor(probs, dtype=torch.float64)
+    prob_t = torch.where(prob_t.isfinite(), prob_t, torch.sigmoid(logit_t)).clamp(0.0, 1.0)
+    return Predictions(paths, torch.tensor(labels, dtype=torch.int64), logit_t, prob_t)
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:
@@ -169,9 +151,7 @@ def _load_run(run_dir: Path) -> FoldRun:
         raise CVError(f"{metrics_path}: fold {fold} is not in [0, n_folds) with n_folds={n_folds} >= 2")
     predictions = _read_predictions(run_dir / PREDICTIONS_FILE)
     shifted = _read_shift_predictions(run_dir / SHIFT_PREDICTIONS_FILE)
-    return FoldRun(
-        run_dir=run_dir, fold=fold, n_folds=n_folds, predictions=predictions, metrics=metrics, shifted=shifted
-    )
+    return FoldRun(run_dir, fold, n_folds, predictions, metrics, shifted)
 
 
 def _read_shift_predictions(path: Path) -> dict[str, tuple[Tensor, Tensor]] | None:
@@ -234,22 +214,15 @@ def check_runs(runs: Sequence[FoldRun]) -> None:
 
 
 def find_fold_runs(paths: Iterable[str | Path]) -> list[FoldRun]:
-    """Fold runs under ``paths`` (multirun folders or run directories), sorted by fold and checked.
-
-    Raises CVError when nothing is found, the runs disagree on k, a fold appears twice or two folds'
-    validation sets share an image. Missing folds are allowed (``aggregate`` warns about them).
-    """
-    dirs: list[Path] = []
-    seen: set[Path] = set()
+    """Fold runs under ``paths`` (multirun folders or run directories), sorted by fold and checked by
+    :func:`check_runs`; missing folds are allowed (``aggregate`` warns about them)."""
+    dirs: dict[Path, Path] = {}  # by resolved path: a multirun folder and one of its own runs given together
     for raw in paths:
         for d in _run_dirs(Path(raw)):
-            key = d.resolve()
-            if key not in seen:  # a multirun folder and one of its own runs given together
-                seen.add(key)
-                dirs.append(d)
+            dirs.setdefault(d.resolve(), d)
     if not dirs:
         raise CVError("no run directories given")
-    runs = sorted((_load_run(d) for d in dirs), key=lambda r: r.fold)
+    runs = sorted((_load_run(d) for d in dirs.values()), key=lambda r: r.fold)
     check_runs(runs)
     return runs
 
@@ -284,12 +257,8 @@ def _run_threshold(run: FoldRun) -> float:
 
 
 def _own_metrics(run: FoldRun) -> tuple[dict[str, float | None], list[str]]:
-    """The run's own validation metrics (its threshold and temperature); gaps filled from its CSV.
-
-    evaluate()'s format has no log loss, so it is read from ``calibration.log_loss_after``. Anything
-    still missing (older runs) is recomputed from the CSV's ``prob`` column, the run's own calibrated
-    output, at the run's threshold. Returns the metrics and the names that were recomputed.
-    """
+    """The run's own validation metrics, and the names recomputed from its CSV's calibrated ``prob``
+    column at its threshold because metrics.json lacked them (older runs)."""
     val = run.metrics.get("val")
     own = {name: _lookup(val, name) for name in FOLD_METRICS}
     if own["log_loss"] is None:  # evaluate() has no log loss: training stores it beside, in "calibration"
@@ -297,11 +266,9 @@ def _own_metrics(run: FoldRun) -> tuple[dict[str, float | None], list[str]]:
     recomputed = [name for name, v in own.items() if v is None]
     if recomputed:
         p, y = run.predictions.probs, run.predictions.labels
-        fresh: dict[str, float] = dict(classification_metrics(p, y, _run_threshold(run)))
+        fresh = classification_metrics(p, y, _run_threshold(run))
         fresh["log_loss"] = float(F.binary_cross_entropy(p, y.double()))
-        for name in recomputed:
-            value = fresh.get(name)
-            own[name] = value if value is not None and math.isfinite(value) else None
+        own.update({name: _as_float(fresh[name]) for name in recomputed})
     return own, recomputed
 
 
@@ -310,16 +277,6 @@ def _shift_metrics(run: FoldRun) -> dict[str, float | None] | None:
     if not isinstance(shift, Mapping) or not isinstance(shift.get("mean"), Mapping):
         return None
     return {name: _lookup(shift["mean"], name) for name in SHIFT_METRICS}
-
-
-def _at_operating_point(
-    logits: Tensor, labels: Tensor, temperature: float, threshold: float
-) -> dict[str, Any]:
-    m: dict[str, Any] = dict(
-        classification_metrics(apply_temperature(logits, temperature), labels, threshold)
-    )
-    m["log_loss"] = log_loss(logits, labels, temperature)
-    return m
 
 
 def _mean_std(values: Iterable[float | None]) -> dict[str, Any]:
@@ -343,12 +300,8 @@ def aggregate(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Pooled out-of-fold metrics at one fitted temperature and threshold, plus per-fold rows.
-
-    One temperature is fitted on all OOF logits and the threshold chosen on the calibrated OOF
-    probabilities (the k runs' own thresholds were each fitted on one small fold). Returns a
-    JSON-ready dict (what ``cv_metrics.json`` holds).
-    """
+    """Pooled out-of-fold metrics at one temperature and threshold fitted on all OOF predictions (not
+    on one small fold, as each run's were), plus per-fold rows: what ``cv_metrics.json`` holds."""
     if threshold_rule not in CV_THRESHOLD_RULES:
         raise CVError(
             f"unknown threshold rule {threshold_rule!r}; expected one of {list(CV_THRESHOLD_RULES)}"
@@ -375,13 +328,15 @@ def aggregate(
     temperature = fit_temperature(logits, labels)
     probs = apply_temperature(logits, temperature)
     shifted = _pooled_shifts(runs)
+    if shifted is not None:
+        from xray.shifts import shift_metrics, shift_youden_threshold
+
+        shift_labels = next(iter(shifted.values()))[0]  # every shift scores the same images
+        shift_logits = {k: z for k, (_, z) in shifted.items()}
     if threshold_rule == "shift_youden":
         if shifted is None:
             raise CVError("--threshold-rule shift_youden needs every run's val_shift_predictions.csv")
-        from xray.shifts import shift_youden_threshold
-
-        labels_sub = next(iter(shifted.values()))[0]  # every shift scores the same images
-        threshold = shift_youden_threshold({k: z for k, (_, z) in shifted.items()}, labels_sub, temperature)
+        threshold = shift_youden_threshold(shift_logits, shift_labels, temperature)
     else:
         threshold = choose_threshold(
             probs, labels, rule=threshold_rule, target_sensitivity=target_sensitivity
@@ -389,40 +344,39 @@ def aggregate(
     pooled = evaluate(probs, labels, threshold, n_boot=n_bootstrap, seed=seed)
     pooled["log_loss"] = log_loss(logits, labels, temperature)
 
-    raw = classification_metrics(torch.sigmoid(logits), labels, threshold)
-    per_run = classification_metrics(run_probs, labels, threshold)
+    def cal(ll: float, m: Mapping[str, Any], **temp: float) -> dict[str, Any]:
+        return {**temp, "log_loss": ll, "ece": m["ece"], "brier": m["brier"]}
+
     calibration = {
-        "uncalibrated": {
-            "temperature": 1.0,
-            "log_loss": log_loss(logits, labels, 1.0),
-            "ece": raw["ece"],
-            "brier": raw["brier"],
-        },
-        "per_run_temperature": {
-            "log_loss": float(F.binary_cross_entropy(run_probs, labels.double())),
-            "ece": per_run["ece"],
-            "brier": per_run["brier"],
-        },
-        "pooled_temperature": {
-            "temperature": temperature,
-            "log_loss": pooled["log_loss"],
-            "ece": pooled["at_threshold"]["ece"],
-            "brier": pooled["at_threshold"]["brier"],
-        },
+        "uncalibrated": cal(
+            log_loss(logits, labels, 1.0),
+            classification_metrics(torch.sigmoid(logits), labels, threshold),
+            temperature=1.0,
+        ),
+        "per_run_temperature": cal(
+            float(F.binary_cross_entropy(run_probs, labels.double())),
+            classification_metrics(run_probs, labels, threshold),
+        ),
+        "pooled_temperature": cal(pooled["log_loss"], pooled["at_threshold"], temperature=temperature),
     }
+
+    pooled_shift = None
+    if shifted is not None:
+        shift_logits = {k: z.float() for k, z in shift_logits.items()}
+        pooled_shift = shift_metrics(shift_logits, shift_labels, threshold, temperature)
 
     folds: list[dict[str, Any]] = []
     for run in runs:
         own, recomputed = _own_metrics(run)
-        at_pooled = _at_operating_point(
-            run.predictions.logits, run.predictions.labels, temperature, threshold
-        )
+        z, y = run.predictions.logits, run.predictions.labels
+        at_pooled = classification_metrics(apply_temperature(z, temperature), y, threshold)
+        at_pooled["log_loss"] = log_loss(z, y, temperature)
         folds.append(
             {
                 "fold": run.fold,
                 "run_dir": str(run.run_dir),
-                "n": int(run.predictions.labels.numel()),
-                "n_pos": int(run.predictions.labels.sum()),
+                "n": int(y.numel()),
+                "n_pos": int(y.sum()),
                 "threshold": _run_threshold(run),
                 "temperature": _as_float(run.metrics.get("temperature")),
                 "val": own,
@@ -444,7 +398,7 @@ def aggregate(
         "threshold": float(threshold),
         "temperature": float(temperature),
         "pooled": pooled,
-        "pooled_shift": _pooled_shift_metrics(shifted, threshold, temperature),
+        "pooled_shift": pooled_shift,
         "calibration": calibration,
         "folds": folds,
         "fold_summary": {
@@ -459,7 +413,7 @@ def aggregate(
 
 def _pooled_shifts(runs: Sequence[FoldRun]) -> dict[str, tuple[Tensor, Tensor]] | None:
     """Every run's shift-validation (labels, logits) concatenated per shift; None unless all runs have them."""
-    if not runs or any(r.shifted is None for r in runs):
+    if any(r.shifted is None for r in runs):
         return None
     names = list(runs[0].shifted or {})
     if any(list(r.shifted or {}) != names for r in runs):
@@ -470,18 +424,6 @@ def _pooled_shifts(runs: Sequence[FoldRun]) -> dict[str, tuple[Tensor, Tensor]] 
     }
 
 
-def _pooled_shift_metrics(
-    shifted: dict[str, tuple[Tensor, Tensor]] | None, threshold: float, temperature: float
-) -> dict[str, dict[str, float]] | None:
-    """Shift-validation metrics of the pooled out-of-fold images at the pooled operating point."""
-    if shifted is None:
-        return None
-    from xray.shifts import shift_metrics
-
-    labels = next(iter(shifted.values()))[0]
-    return shift_metrics({k: z.float() for k, (_, z) in shifted.items()}, labels, threshold, temperature)
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -489,13 +431,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Pool the out-of-fold validation predictions of k-fold runs into one report.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun folder, or fold run directories")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: DIR when one is given)"
-    )
+    parser.add_argument("--out", type=Path, help="output folder (default: DIR when one is given)")
     parser.add_argument(
         "--ensemble-out",
         type=Path,
-        default=None,
         help="also write the fold models as one ensemble (float16 copies + ensemble.json) into this folder",
     )
     parser.add_argument(
@@ -552,9 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_dir: str | Path) -> Path:
-    """The fold models as one ensemble: slim float16 copies of each best checkpoint plus ``ensemble.json``
-    holding the pooled out-of-fold temperature and threshold (what ``predict.py ckpt=DIR`` applies to
-    the mean of the members' logits)."""
+    """The fold models as one ensemble for ``predict.py ckpt=DIR``: float16 copies of each best checkpoint
+    plus ``ensemble.json`` with the pooled out-of-fold temperature and threshold."""
     from xray.checkpoints import BEST_NAME, export_for_inference, load_model
     from xray.ood import manifest_section
     from xray.predictor import write_ensemble_manifest

@@ -1,18 +1,9 @@
-"""Clinical metrics on tensors: one operating point, bootstrap intervals, and the threshold choice.
+"""Clinical metrics on tensors, shared by training, prediction and ``xray.cv``: one operating point,
+bootstrap intervals and the threshold choice.
 
-Pure library code (no Lightning Trainer), so the LightningModule, ``train.py``, ``predict.py`` and
-``xray.cv`` report the same numbers computed the same way; :mod:`xray.report` writes them out.
-
-Conventions (one place, used everywhere):
-
-* label 1 = PNEUMONIA (positive class), 0 = NORMAL.
-* A case is predicted positive when ``prob >= threshold``. torchmetrics' own ``threshold=`` argument
-  uses ``prob > threshold`` (strict), while its ROC thresholds mean ``>=``; to keep one meaning we
-  binarise here and count the confusion matrix ourselves.
-* Probabilities must already be in [0, 1]: torchmetrics silently applies a sigmoid to float inputs
-  with any value outside [0, 1], so out-of-range input is rejected instead of "fixed".
-* A metric whose denominator is zero (e.g. sensitivity with no positive cases, AUROC with one class)
-  is ``nan``, never the 0 torchmetrics returns, so an undefined number is not mistaken for a bad one.
+Label 1 = PNEUMONIA. A case is positive when ``prob >= threshold`` (torchmetrics' ``threshold=`` is
+strict, so we count the confusion matrix ourselves). Probabilities outside [0, 1] are rejected (torchmetrics
+would silently sigmoid them). An undefined metric (zero denominator, one class) is nan, never 0.
 """
 
 from __future__ import annotations
@@ -49,7 +40,6 @@ __all__ = [
 
 THRESHOLD_RULES: tuple[str, ...] = ("youden", "sensitivity", "fixed")
 
-# Metrics bootstrap_ci can resample (all vectorised over resamples).
 BOOTSTRAP_METRICS: tuple[str, ...] = (
     "accuracy",
     "auroc",
@@ -63,8 +53,7 @@ BOOTSTRAP_METRICS: tuple[str, ...] = (
     "brier",
 )
 
-ECE_BINS = 15
-"""Equal-width bins of the one ECE the project reports (torchmetrics, L1): report, metrics, figures."""
+ECE_BINS = 15  # equal-width bins of the one (L1) ECE the project reports
 
 _ArrayLike = Tensor | np.ndarray | Sequence[float]
 
@@ -89,8 +78,7 @@ def prepare_probs_labels(probs: _ArrayLike, labels: _ArrayLike) -> tuple[Tensor,
 
 
 def count_metrics(tp: Tensor, fp: Tensor, fn: Tensor, tn: Tensor) -> dict[str, Tensor]:
-    """The threshold-dependent metrics from confusion counts, elementwise (one point or a batch of
-    bootstrap resamples alike); nan where a denominator is zero."""
+    """Threshold-dependent metrics from confusion counts, elementwise (one point or many resamples)."""
     tp, fp, fn, tn = (torch.as_tensor(c, dtype=torch.float64) for c in (tp, fp, fn, tn))
 
     def div(a: Tensor, b: Tensor) -> Tensor:
@@ -109,7 +97,7 @@ def count_metrics(tp: Tensor, fp: Tensor, fn: Tensor, tn: Tensor) -> dict[str, T
 
 
 def _confusion_counts(pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(tp, fp, fn, tn) summed over the last dimension of boolean predictions and labels."""
+    """(tp, fp, fn, tn) summed over the last dimension."""
     return (
         (pred & y).sum(-1),
         (pred & ~y).sum(-1),
@@ -118,18 +106,16 @@ def _confusion_counts(pred: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     )
 
 
-def expected_calibration_error(probs: _ArrayLike, labels: _ArrayLike) -> float:
-    p, y = prepare_probs_labels(probs, labels)
+def _ece(p: Tensor, y: Tensor) -> float:
     return float(binary_calibration_error(p, y, n_bins=ECE_BINS, norm="l1"))
 
 
-def classification_metrics(probs: _ArrayLike, labels: _ArrayLike, threshold: float = 0.5) -> dict[str, float]:
-    """Clinical metrics at one operating point (``prob >= threshold``).
+def expected_calibration_error(probs: _ArrayLike, labels: _ArrayLike) -> float:
+    return _ece(*prepare_probs_labels(probs, labels))
 
-    Counts give the threshold-dependent metrics (:func:`count_metrics`); torchmetrics the ranking and
-    calibration ones. Undefined ranking metrics (one class) are nan and not computed at all, so there
-    are no warnings to spam the log.
-    """
+
+def classification_metrics(probs: _ArrayLike, labels: _ArrayLike, threshold: float = 0.5) -> dict[str, float]:
+    """Clinical metrics at one operating point; undefined ranking metrics are nan, never computed (no warnings)."""
     p, y = prepare_probs_labels(probs, labels)
     threshold = float(threshold)
     tp, fp, fn, tn = (int(c) for c in _confusion_counts(p >= threshold, y.bool()))
@@ -140,25 +126,15 @@ def classification_metrics(probs: _ArrayLike, labels: _ArrayLike, threshold: flo
         "auroc": float(binary_auroc(p, y)) if 0 < n_pos < n else math.nan,
         "average_precision": float(binary_average_precision(p, y)) if n_pos > 0 else math.nan,
         "brier": float(((p.double() - y) ** 2).mean()),
-        "ece": float(binary_calibration_error(p, y, n_bins=ECE_BINS, norm="l1")),  # = expected_calibration_error
-        "tn": tn,
-        "fp": fp,
-        "fn": fn,
-        "tp": tp,
-        "n": n,
-        "n_pos": n_pos,
-        "threshold": threshold,
+        "ece": _ece(p, y),
+        **dict(tn=tn, fp=fp, fn=fn, tp=tp, n=n, n_pos=n_pos, threshold=threshold),
     }
 
 
 def _bootstrap_samples(
     p: Tensor, y: Tensor, threshold: float, n_boot: int, seed: int, metrics: Sequence[str]
 ) -> dict[str, Tensor]:
-    """Per-resample metric values, shape (n_boot,), nan where a resample leaves it undefined.
-
-    The same counts-to-metrics function as the point estimate; AUROC and AP from torchmetrics'
-    multilabel forms, one resample per label, so no metric is defined twice.
-    """
+    """Per-resample metric values, shape (n_boot,), nan where undefined; AUROC/AP treat each resample as a label."""
     n = p.numel()
     gen = torch.Generator().manual_seed(int(seed))
     idx = torch.randint(0, n, (n_boot, n), generator=gen)
@@ -189,11 +165,8 @@ def bootstrap_ci(
     alpha: float = 0.05,
     metrics: Sequence[str] = ("accuracy", "auroc", "sensitivity", "specificity"),
 ) -> dict[str, tuple[float, float]]:
-    """Seeded percentile bootstrap (cases resampled with replacement) -> {metric: (low, high)}.
-
-    Vectorised over an (n_boot, n) index matrix; resamples where a metric is undefined (e.g. one
-    class for AUROC) are skipped for that metric. All-undefined gives (nan, nan).
-    """
+    """Seeded percentile bootstrap over cases -> {metric: (low, high)}; resamples where a metric is
+    undefined are skipped for it, and all-undefined gives (nan, nan)."""
     unknown = [m for m in metrics if m not in BOOTSTRAP_METRICS]
     if unknown:
         raise ValueError(
@@ -209,43 +182,31 @@ def bootstrap_ci(
     result: dict[str, tuple[float, float]] = {}
     for name in metrics:
         values = samples[name]
-        if bool(torch.isnan(values).all()):
-            result[name] = (math.nan, math.nan)
-            continue
-        low, high = torch.nanquantile(values, q).tolist()
-        result[name] = (float(low), float(high))
+        low, high = (math.nan, math.nan) if values.isnan().all() else torch.nanquantile(values, q).tolist()
+        result[name] = (low, high)
     return result
 
 
 def choose_threshold(
     probs: _ArrayLike, labels: _ArrayLike, rule: str = "youden", target_sensitivity: float = 0.95
 ) -> float:
-    """Pick the operating threshold on (validation) scores; apply it as ``prob >= threshold``.
+    """The operating threshold in (0, 1] on (validation) scores; 0.5 for ``fixed`` or one class.
 
-    * ``youden``: maximise sensitivity + specificity - 1 over torchmetrics' ROC thresholds; exact ties
-      go to the threshold closest to 0.5 (then the larger one).
-    * ``sensitivity``: the largest threshold whose sensitivity >= ``target_sensitivity``.
-    * ``fixed``: 0.5.
-
-    The first ROC threshold torchmetrics returns is a sentinel for the "nothing positive" point (1.0
-    in torchmetrics >= 1.x, max+1 in older ones) that ``>=`` cannot reproduce when a score equals 1.0,
-    so it is dropped. Counts are recomputed exactly with ``>=`` at each candidate, so the returned
-    threshold reproduces the chosen point. With one class present the ROC is undefined: returns 0.5.
-    The result lies in (0, 1]; a chosen threshold of exactly 0.0 becomes float32 ``tiny``.
+    ``youden`` maximises sensitivity + specificity - 1 (exact ties: closest to 0.5, then larger);
+    ``sensitivity`` takes the largest threshold reaching ``target_sensitivity``. Counts are redone with
+    ``>=`` at each ROC threshold so the result reproduces its point; a chosen 0.0 becomes float32 tiny.
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; expected one of {list(THRESHOLD_RULES)}")
     if rule == "sensitivity" and not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     p, y = prepare_probs_labels(probs, labels)
-    if rule == "fixed":
-        return 0.5
     n_pos = int(y.sum())
     n_neg = int(y.numel()) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if rule == "fixed" or n_pos == 0 or n_neg == 0:
         return 0.5
 
-    _, _, thresholds = binary_roc(p, y)  # decreasing; index 0 is the sentinel
+    _, _, thresholds = binary_roc(p, y)  # decreasing; index 0 is a "nothing positive" sentinel
     cand = thresholds[1:].to(p.dtype)
     pos_sorted = p[y == 1].sort().values
     neg_sorted = p[y == 0].sort().values
@@ -274,10 +235,7 @@ def evaluate(
     seed: int = 0,
     alpha: float = 0.05,
 ) -> dict[str, Any]:
-    """Metrics at 0.5 and at ``threshold`` plus bootstrap CIs at ``threshold``: JSON-ready.
-
-    AUROC, average precision and Brier do not depend on the threshold, so their CIs hold at 0.5 too.
-    """
+    """Metrics at 0.5 and at ``threshold`` plus bootstrap CIs at ``threshold`` (JSON-ready)."""
     p, y = prepare_probs_labels(probs, labels)
     ci = bootstrap_ci(
         p, y, threshold=threshold, n_boot=n_boot, seed=seed, alpha=alpha, metrics=BOOTSTRAP_METRICS

@@ -1,12 +1,10 @@
 """Paired check: the same films in two encodings, scored as ``predict.py`` scores them.
 
-Selection signal for a shift the official test split really has. The shared training files are a
-mirror's 224 px JPEG re-encodes; the test files are the originals. ``chest_xray_fullres_sample``
-holds 80 training films in their original form whose re-encodes are in the training split, so every
-film can be scored both ways: the mean change of the calibrated logit (logit / temperature) from copy
-to original says how far the model's calls move on original files (negative: towards NORMAL), per
-class, with the decisions that flip at the stored threshold. It is reported with and without
-:func:`xray.data.encoding.match_encoding`, when the checkpoint records an encoding::
+The training files are a mirror's 224 px JPEG re-encodes, the test files originals;
+``chest_xray_fullres_sample`` holds 80 training films in original form. Per class, the mean change of
+the calibrated logit from copy to original (negative: towards NORMAL) and the decisions that flip show
+how far calls move on original files, with and without
+:func:`xray.data.encoding.match_encoding` when the checkpoint records an encoding::
 
     python -m xray.paired ckpt=pretrained \\
         --originals ../shared/data/chest_xray_fullres_sample/train --copies ../shared/data/chest_xray/train
@@ -77,15 +75,11 @@ def paired_shift(
         raise ValueError(f"{failed[0].path}: {failed[0].error}")
     out = []
     for label, name in enumerate(CLASSES):
-        deltas, flips = [], 0
-        for k, pair in enumerate(pairs):
-            if pair[2] != label:
-                continue
-            original, copy = rows[2 * k], rows[2 * k + 1]
-            deltas.append(_logit(original.prob_pneumonia) - _logit(copy.prob_pneumonia))  # type: ignore[arg-type]
-            flips += original.label != copy.label
+        both = [(rows[2 * k], rows[2 * k + 1]) for k, pair in enumerate(pairs) if pair[2] == label]
+        deltas = [_logit(o.prob_pneumonia) - _logit(c.prob_pneumonia) for o, c in both]  # type: ignore[arg-type]
         if deltas:
             sd = statistics.stdev(deltas) if len(deltas) > 1 else math.nan
+            flips = sum(o.label != c.label for o, c in both)
             out.append(PairedShift(name, len(deltas), statistics.fmean(deltas), sd, flips))
     return out
 

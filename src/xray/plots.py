@@ -1,19 +1,15 @@
-"""Figures for a run: training curves, ROC, PR, confusion matrix, calibration, most confident mistakes.
+"""Figures for a run: ``make_<name>_figure(...) -> Figure`` (for loggers' ``add_figure``), and
+:func:`save_figure` to write any of them as a PNG.
 
-One pattern for every plot: ``make_<name>_figure(...) -> Figure`` builds the figure (a caller such as
-the LightningModule can hand it to ``logger.experiment.add_figure``), and :func:`save_figure` writes
-any of them as a PNG.
-
-Figures are created with :class:`matplotlib.figure.Figure` directly, never through ``pyplot``: no
-global figure registry (nothing to leak when a caller forgets to close), no GUI backend needed, and
-the process-wide backend is left alone. Saving goes through the Agg renderer.
+Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas, never through ``pyplot``:
+no global registry to leak into, no GUI backend, and the process-wide backend is left alone.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +23,7 @@ from torchmetrics.functional.classification import binary_precision_recall_curve
 from xray.constants import CLASSES
 from xray.metrics import (
     ECE_BINS,
+    _ArrayLike,
     classification_metrics,
     expected_calibration_error,
     prepare_probs_labels,
@@ -47,22 +44,15 @@ DPI = 120
 _SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
 _FALLBACK_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
-_ArrayLike = Tensor | np.ndarray | Sequence[float]
-PathLike = str | os.PathLike[str]
 
-
-def _new_figure(figsize: tuple[float, float], layout: str | None = None) -> Figure:
-    fig = Figure(figsize=figsize, dpi=DPI, layout=layout)
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=figsize, dpi=DPI)
     FigureCanvasAgg(fig)  # attach the Agg canvas so the figure can render without pyplot
     return fig
 
 
-def save_figure(fig: Figure, path: PathLike, dpi: int = DPI, close: bool = True) -> Path:
-    """Save ``fig`` as PNG (parents created) and, unless ``close=False``, release it; returns the path.
-
-    To both log a figure (e.g. ``add_figure(..., close=False)``) and save it, log first or pass
-    ``close=False`` here.
-    """
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = DPI, close: bool = True) -> Path:
+    """Save ``fig`` as PNG (parents created) and, unless ``close=False``, release it (so log it first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
@@ -110,9 +100,7 @@ def make_curves_figure(history: Sequence[Mapping[str, Any]], title: str = "Train
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         if plotted > 1:
             ax.legend()
-        ax.set_title(label.capitalize())
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.set(title=label.capitalize(), xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -120,9 +108,13 @@ def make_curves_figure(history: Sequence[Mapping[str, Any]], title: str = "Train
 
 
 # ------------------------------------------------------------------------------------------ ROC and PR
-def _two_classes(y: Tensor) -> bool:
-    n_pos = int(y.sum())
-    return 0 < n_pos < y.numel()
+def _split_metrics(
+    curves: Mapping[str, tuple[_ArrayLike, _ArrayLike]], thresholds: Mapping[str, float] | None
+) -> Iterator[tuple[str, str, Tensor, Tensor, dict[str, float]]]:
+    """(split, colour, probs, labels, metrics at the split's threshold or 0.5) per split."""
+    for i, (split, (probs, labels)) in enumerate(curves.items()):
+        p, y = prepare_probs_labels(probs, labels)
+        yield split, _color(split, i), p, y, classification_metrics(p, y, (thresholds or {}).get(split, 0.5))
 
 
 def _mark_point(ax: Any, x: float, y: float, color: Any, label: str) -> None:
@@ -130,6 +122,15 @@ def _mark_point(ax: Any, x: float, y: float, color: Any, label: str) -> None:
     ax.plot(
         x, y, marker="o", markersize=8, color=color, markeredgecolor="black", linestyle="none", label=label
     )
+
+
+def _finish(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str, legend_loc: str) -> Figure:
+    """Unit-square axes with labels, grid and legend, laid out."""
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend_loc, fontsize="small")
+    fig.tight_layout()
+    return fig
 
 
 def make_roc_figure(
@@ -141,32 +142,28 @@ def make_roc_figure(
     fig = _new_figure((5.5, 5))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="chance (AUROC 0.5)")
-    for i, (split, (probs, labels)) in enumerate(curves.items()):
-        p, y = prepare_probs_labels(probs, labels)
-        color = _color(split, i)
-        if not _two_classes(y):
+    for split, color, p, y, m in _split_metrics(curves, thresholds):
+        if math.isnan(m["auroc"]):  # one class
             ax.plot([], [], color=color, label=f"{split}: one class, ROC undefined")
             continue
         fpr, tpr, _ = binary_roc(p, y)
-        m = classification_metrics(p, y, 0.5 if thresholds is None else thresholds.get(split, 0.5))
         ax.plot(
             fpr.numpy(), tpr.numpy(), color=color, linewidth=1.8, label=f"{split} (AUROC {m['auroc']:.3f})"
         )
-        if thresholds is not None and split in thresholds:
+        if split in (thresholds or {}):
             label = (
                 f"{split} @ {m['threshold']:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}"
             )
             _mark_point(ax, 1 - m["specificity"], m["sensitivity"], color, label)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("1 - specificity (false positive rate)")
-    ax.set_ylabel("sensitivity (true positive rate)")
-    ax.set_title(title)
     ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig,
+        ax,
+        "1 - specificity (false positive rate)",
+        "sensitivity (true positive rate)",
+        title,
+        "lower right",
+    )
 
 
 def make_pr_figure(
@@ -177,9 +174,7 @@ def make_pr_figure(
     """Precision-recall per split with AP in the legend, the prevalence baseline and operating points."""
     fig = _new_figure((5.5, 5))
     ax = fig.subplots()
-    for i, (split, (probs, labels)) in enumerate(curves.items()):
-        p, y = prepare_probs_labels(probs, labels)
-        color = _color(split, i)
+    for split, color, p, y, m in _split_metrics(curves, thresholds):
         prevalence = float(y.double().mean())
         ax.axhline(
             prevalence, color=color, linestyle=":", linewidth=1, label=f"{split} prevalence {prevalence:.3f}"
@@ -188,7 +183,6 @@ def make_pr_figure(
             ax.plot([], [], color=color, label=f"{split}: no positives, PR undefined")
             continue
         precision, recall, _ = binary_precision_recall_curve(p, y)
-        m = classification_metrics(p, y, 0.5 if thresholds is None else thresholds.get(split, 0.5))
         ax.step(
             recall.numpy(),
             precision.numpy(),
@@ -197,18 +191,10 @@ def make_pr_figure(
             linewidth=1.8,
             label=f"{split} (AP {m['average_precision']:.3f})",
         )
-        if thresholds is not None and split in thresholds and not math.isnan(m["ppv"]):
+        if split in (thresholds or {}) and not math.isnan(m["ppv"]):
             label = f"{split} @ {m['threshold']:.3f}: recall {m['sensitivity']:.3f}, precision {m['ppv']:.3f}"
             _mark_point(ax, m["sensitivity"], m["ppv"], color, label)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (PPV)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "recall (sensitivity)", "precision (PPV)", title, "lower left")
 
 
 # ------------------------------------------------------------------------------------ confusion matrix
@@ -225,20 +211,12 @@ def make_confusion_matrix_figure(
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     for r in range(2):
         for c in range(2):
-            ax.text(
-                c,
-                r,
-                f"{counts[r, c]}\n{100 * share[r, c]:.1f}%",
-                ha="center",
-                va="center",
-                fontsize=12,
-                color="white" if share[r, c] > 0.5 else "black",
-            )
+            text = f"{counts[r, c]}\n{100 * share[r, c]:.1f}%"
+            color = "white" if share[r, c] > 0.5 else "black"
+            ax.text(c, r, text, ha="center", va="center", fontsize=12, color=color)
     ax.set_xticks([0, 1], labels=list(CLASSES))
     ax.set_yticks([0, 1], labels=list(CLASSES), rotation=90, va="center")
-    ax.set_xlabel("Predicted")
-    ax.set_ylabel("True")
-    ax.set_title(title)
+    ax.set(xlabel="Predicted", ylabel="True", title=title)
     fig.tight_layout()
     return fig
 
@@ -247,28 +225,24 @@ def make_confusion_matrix_figure(
 def make_calibration_figure(
     probs: _ArrayLike, labels: _ArrayLike, n_bins: int = 10, title: str = "Calibration"
 ) -> Figure:
-    """Reliability diagram (``n_bins`` equal-width bins) over a histogram of predicted p(PNEUMONIA) per
-    class; the ECE in its legend is the report's (:func:`xray.metrics.expected_calibration_error`)."""
+    """Reliability diagram over a per-class histogram of p(PNEUMONIA); its legend gives the report's ECE."""
     p, y = prepare_probs_labels(probs, labels)
     pn, yn = p.double().numpy(), y.numpy()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.digitize(pn, edges[1:-1], right=False), 0, n_bins - 1)
     counts = np.bincount(bins, minlength=n_bins)
-    mean_p = np.bincount(bins, weights=pn, minlength=n_bins)
-    frac_pos = np.bincount(bins, weights=yn.astype(float), minlength=n_bins)
     filled = counts > 0
-    mean_p = mean_p[filled] / counts[filled]
-    frac_pos = frac_pos[filled] / counts[filled]
+    mean_p, frac_pos = (
+        np.bincount(bins, weights=w, minlength=n_bins)[filled] / counts[filled]
+        for w in (pn, yn.astype(float))
+    )
     ece = expected_calibration_error(p, y)
 
     fig = _new_figure((5.5, 6))
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
     ax.plot(mean_p, frac_pos, marker="o", color="tab:blue", label=f"model (ECE {ece:.3f}, {ECE_BINS} bins)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("observed fraction PNEUMONIA")
-    ax.set_title(title)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed fraction PNEUMONIA", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     hist.hist(
@@ -278,8 +252,7 @@ def make_calibration_figure(
         color=["tab:cyan", "tab:red"],
         label=[f"true {CLASSES[0]}", f"true {CLASSES[1]}"],
     )
-    hist.set_xlabel("predicted p(PNEUMONIA)")
-    hist.set_ylabel("cases")
+    hist.set(xlabel="predicted p(PNEUMONIA)", ylabel="cases")
     hist.legend(fontsize="x-small")
     fig.tight_layout()
     return fig
@@ -321,14 +294,8 @@ def make_mistakes_figure(
     if wrong.numel() == 0:
         fig = _new_figure((6, 3))
         ax = fig.subplots()
-        ax.text(
-            0.5,
-            0.5,
-            f"No mistakes at threshold {threshold:.3f}\n({p.numel()} images)",
-            ha="center",
-            va="center",
-            fontsize=14,
-        )
+        message = f"No mistakes at threshold {threshold:.3f}\n({p.numel()} images)"
+        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=14)
         ax.set_axis_off()
         ax.set_title(title)
         return fig
@@ -337,7 +304,7 @@ def make_mistakes_figure(
     cols = min(len(chosen), math.ceil(math.sqrt(len(chosen))))
     rows = math.ceil(len(chosen) / cols)
     fig = _new_figure((2.6 * cols, 2.9 * rows + 0.6))
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+    axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
     for ax, i in zip(axes, chosen, strict=False):
         ax.imshow(_to_display(images[i]), cmap="gray", vmin=0.0, vmax=1.0)
         ax.set_title(

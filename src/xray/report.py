@@ -1,7 +1,5 @@
-"""What a run writes about its evaluation: metrics.json, report.md and the figures (also to TensorBoard).
-
-The numbers come from :mod:`xray.metrics`; this module only renders and stores them.
-"""
+"""What a run writes about its evaluation (numbers from :mod:`xray.metrics`): metrics.json, report.md,
+cv_report.md and the figures (also to TensorBoard)."""
 
 from __future__ import annotations
 
@@ -100,7 +98,7 @@ def _jsonable(obj: Any) -> Any:
         return _jsonable(obj.item())
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+    if obj is None or isinstance(obj, (int, str)):
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -155,10 +153,15 @@ def fmt_ci(value: Any, ci: Sequence[Any] | None) -> str:
     return text
 
 
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
-    """A GitHub markdown table, the first ``left`` columns left-aligned and the rest right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * left + "---:|" * (len(header) - left)]
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "lr") -> list[str]:
+    """A GitHub markdown table; ``align`` is l/r per column, its last letter repeated for the rest."""
+    align = align.ljust(len(header), align[-1])
+    lines = ["| " + " | ".join(header) + " |", "|" + "".join("---|" if a == "l" else "---:|" for a in align)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _confusion(m: Mapping[str, Any]) -> str:
+    return "/".join(str(m.get(k, "?")) for k in ("tn", "fp", "fn", "tp"))
 
 
 def _ordered(keys: Sequence[str]) -> list[str]:
@@ -178,70 +181,50 @@ def render_report(
     title: str = "Chest X-ray classifier: run report",
     test_used_for_selection: bool = False,
 ) -> str:
-    """report.md text for one run.
-
-    ``results``: split name -> :func:`evaluate` payload (``val``, ``test``; others allowed).
-    ``counts``: split -> {"NORMAL": n, "PNEUMONIA": m}. ``config``: flat dict of the settings that
-    matter. ``run_dir``: where plots are looked for (only existing PNGs are embedded, by relative
-    name, so report.md must sit in ``run_dir``). Missing pieces are stated, not crashed on.
+    """report.md text for one run: ``results`` maps split -> :func:`evaluate` payload, ``counts`` split ->
+    class counts; only PNGs present in ``run_dir`` are embedded. Missing pieces are stated, not crashed on.
     """
     results = dict(results or {})
-    lines: list[str] = [f"# {title}", ""]
-
-    # -- data
-    lines += ["## Data", ""]
+    lines: list[str] = [f"# {title}", "", "## Data", ""]
     if counts:
-        lines += ["| split | NORMAL | PNEUMONIA | total | % PNEUMONIA |", "|---|---:|---:|---:|---:|"]
+        rows = []
         for split in _ordered(list(counts)):
-            c = counts[split]
-            neg, pos = int(c.get(CLASSES[0], 0)), int(c.get(CLASSES[1], 0))
+            neg, pos = (int(counts[split].get(c, 0)) for c in CLASSES)
             tot = neg + pos
-            share = f"{100 * pos / tot:.1f}" if tot else "n/a"
-            lines.append(f"| {split} | {neg} | {pos} | {tot} | {share} |")
+            rows.append([split, str(neg), str(pos), str(tot), f"{100 * pos / tot:.1f}" if tot else "n/a"])
+        lines += md_table(["split", *CLASSES, "total", "% PNEUMONIA"], rows)
         if "test" not in counts:
             lines += ["", "No test split in this run."]
     else:
         lines.append("Data counts were not recorded.")
-    lines.append("")
-
-    # -- config
-    lines += ["## Configuration", ""]
+    lines += ["", "## Configuration", ""]
     if config:
-        lines += ["| setting | value |", "|---|---|"]
-        lines += [f"| {_md_escape(k)} | {_md_escape(v)} |" for k, v in config.items()]
+        lines += md_table(
+            ["setting", "value"], [[_md_escape(k), _md_escape(v)] for k, v in config.items()], "l"
+        )
     else:
         lines.append("Configuration was not recorded.")
-    lines.append("")
-
-    # -- metrics
-    lines += ["## Metrics", ""]
+    lines += ["", "## Metrics", ""]
     evaluated = [s for s in results if isinstance(results[s], Mapping) and "at_threshold" in results[s]]
     splits = _ordered([s for s in evaluated if s != "train"]) or _ordered(evaluated)
     if splits:
-        header, columns = ["metric"], []
+        columns = [(results[s], which) for s in splits for which in ("at_0.5", "at_threshold")]
+        header = ["metric"]
         for split in splits:
-            r = results[split]
-            t = r.get("threshold")
-            header += [
-                f"{split} @ 0.5",
-                f"{split} @ {fmt_num(t)}" if t is not None else f"{split} @ threshold",
-            ]
-            columns += [(r, "at_0.5"), (r, "at_threshold")]
-        lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+            t = results[split].get("threshold")
+            header += [f"{split} @ 0.5", f"{split} @ {fmt_num(t) if t is not None else 'threshold'}"]
+        rows = []
         for key, label in REPORT_ROWS:
-            cells = []
+            cells = [label]
             for r, which in columns:
-                ci_all = r.get("ci") or {}
-                thresh = r.get("threshold")
                 # CIs are computed at the chosen threshold; threshold-free metrics' CIs hold at 0.5 too.
-                use_ci = which == "at_threshold" or key in THRESHOLD_FREE or thresh == 0.5
-                cells.append(fmt_ci((r.get(which) or {}).get(key), ci_all.get(key) if use_ci else None))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        confusion = []
-        for r, which in columns:
-            m = r.get(which) or {}
-            confusion.append("/".join(str(m.get(k, "?")) for k in ("tn", "fp", "fn", "tp")))
-        lines.append("| TN/FP/FN/TP | " + " | ".join(confusion) + " |")
+                use_ci = which == "at_threshold" or key in THRESHOLD_FREE or r.get("threshold") == 0.5
+                cells.append(
+                    fmt_ci((r.get(which) or {}).get(key), (r.get("ci") or {}).get(key) if use_ci else None)
+                )
+            rows.append(cells)
+        rows.append(["TN/FP/FN/TP"] + [_confusion(r.get(which) or {}) for r, which in columns])
+        lines += md_table(header, rows)
         boot = next((results[s].get("bootstrap") for s in splits if results[s].get("bootstrap")), None)
         ci_note = "Intervals: percentile bootstrap over cases"
         if boot:
@@ -268,7 +251,6 @@ def render_report(
 
         lines += ["## Shift validation", "", render_shift_table(results["val_shift"]), ""]
 
-    # -- anchors
     lines += [
         "## Published anchors (official 624-image test split)",
         "",
@@ -298,18 +280,11 @@ def render_report(
             "Note: the official test split was never used for selection here (model, epoch and threshold "
             "were chosen on validation data); the Keras original selected on the test split, so its 87% is optimistic."
         )
-    lines.append("")
-
-    # -- plots
-    lines += ["## Plots", ""]
-    present = []
-    if run_dir is not None:
-        base = Path(run_dir)
-        present = [(f, cap) for f, cap in PLOT_FILES if (base / f).is_file()]
-    if present:
-        for fname, caption in present:
-            lines += [f"### {caption}", "", f"![{caption}]({fname})", ""]
-    else:
+    lines += ["", "## Plots", ""]
+    present = [(f, cap) for f, cap in PLOT_FILES if run_dir is not None and (Path(run_dir) / f).is_file()]
+    for fname, caption in present:
+        lines += [f"### {caption}", "", f"![{caption}]({fname})", ""]
+    if not present:
         lines += ["No plots were written for this run.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -359,33 +334,30 @@ def write_plots(
     if not curves:
         return []
     thresholds = dict.fromkeys(curves, threshold)
+    main_split = "test" if "test" in curves else "val"
+    m = classification_metrics(*curves[main_split], threshold)
     figures: dict[str, Any] = {
         "roc": plots.make_roc_figure(curves, thresholds=thresholds),
         "pr": plots.make_pr_figure(curves, thresholds=thresholds),
+        "confusion_matrix": plots.make_confusion_matrix_figure(
+            *(int(m[k]) for k in ("tn", "fp", "fn", "tp")),
+            title=f"Confusion matrix ({main_split}, threshold {threshold:.3f})",
+        ),
+        "calibration": plots.make_calibration_figure(
+            *curves["val" if "val" in curves else main_split], title="Calibration (validation)"
+        ),
     }
-    main_split = "test" if "test" in curves else "val"
-    m = classification_metrics(*curves[main_split], threshold)
-    figures["confusion_matrix"] = plots.make_confusion_matrix_figure(
-        int(m["tn"]),
-        int(m["fp"]),
-        int(m["fn"]),
-        int(m["tp"]),
-        title=f"Confusion matrix ({main_split}, threshold {threshold:.3f})",
-    )
-    figures["calibration"] = plots.make_calibration_figure(
-        *curves["val" if "val" in curves else main_split], title="Calibration (validation)"
-    )
     if "val" in splits and mistakes > 0:
         probs, labels, index = splits["val"]
-        wrong = torch.nonzero((probs >= threshold).long() != labels).reshape(-1)
-        order = wrong  # all of them, so the figure can say how many there are; it shows the top k
-        if order.numel() == 0:  # the figure then says there were no mistakes
+        dataset = datamodule.datasets["val"]
+        # all the mistakes, so the figure can say how many there are; it shows the top k
+        order = torch.nonzero((probs >= threshold).long() != labels).reshape(-1)
+        if order.numel():
+            images = torch.stack([dataset.image(i) for i in index[order].tolist()])
+        else:  # the figure then says there were no mistakes
             order = torch.arange(probs.numel())
             images = torch.zeros(probs.numel(), 1, 8, 8, dtype=torch.uint8)
-        else:
-            dataset = datamodule.datasets["val"]
-            images = torch.stack([dataset.image(i) for i in index[order].tolist()])
-        names = [datamodule.datasets["val"].records[i].path.name for i in index[order].tolist()]
+        names = [dataset.records[i].path.name for i in index[order].tolist()]
         figures["mistakes"] = plots.make_mistakes_figure(
             images,
             probs[order],
@@ -412,8 +384,6 @@ _CV_LABELS = {
     "brier": "Brier",
 }
 
-
-# ------------------------------------------------------------------------------------------- report
 # the run report's rows, AUROC first: ranking is what pooling out-of-fold predictions measures best
 _CV_POOLED_ROWS = tuple(sorted(REPORT_ROWS, key=lambda row: row[0] != "auroc"))
 
@@ -434,73 +404,57 @@ def _confidence(temperature: float) -> str:
 
 
 def render_cv_report(result: Mapping[str, Any]) -> str:
-    """``cv_report.md`` text for an :func:`aggregate` result."""
-    k, n_present = result["n_folds"], len(result["folds_present"])
-    pooled, cal = result["pooled"], result["calibration"]
+    """``cv_report.md`` text for an :func:`xray.cv.aggregate` result."""
+    k, pooled, cal = result["n_folds"], result["pooled"], result["calibration"]
+    t, temp, t4 = result["threshold"], fmt_num(result["temperature"]), fmt_num(result["threshold"], 4)
     rule = result["threshold_rule"]
     if rule == "sensitivity":
         rule += f" (target sensitivity {result['target_sensitivity']:.2f})"
-    lines = [f"# Cross-validation report: {k}-fold, out-of-fold", ""]
-    lines += [
-        f"{n_present} of {k} folds, {result['n_images']} out-of-fold validation images "
+    lines = [
+        f"# Cross-validation report: {k}-fold, out-of-fold",
+        "",
+        f"{len(result['folds_present'])} of {k} folds, {result['n_images']} out-of-fold validation images "
         f"({result['n_pos']} PNEUMONIA, {result['n_images'] - result['n_pos']} NORMAL).",
         "",
     ]
-    lines += [f"> **Warning:** {w}" for w in result["warnings"]]
     if result["warnings"]:
-        lines.append("")
+        lines += [*(f"> **Warning:** {w}" for w in result["warnings"]), ""]
 
-    # -- pooled
-    lines += ["## Pooled out-of-fold metrics", ""]
     ci = pooled.get("ci") or {}
-    t = result["threshold"]
-    rows = []
-    for key, label in _CV_POOLED_ROWS:
-        at_half = (pooled["at_0.5"] or {}).get(key)
-        at_t = (pooled["at_threshold"] or {}).get(key)
-        rows.append(
-            [
-                label,
-                fmt_ci(at_half, ci.get(key) if key in THRESHOLD_FREE else None),
-                fmt_ci(at_t, ci.get(key)),
-            ]
-        )
-    rows.append(["Log loss", fmt_num(pooled.get("log_loss")), fmt_num(pooled.get("log_loss"))])
-    rows.append(
-        ["TN/FP/FN/TP"]
-        + [
-            "/".join(str(pooled[w].get(c, "?")) for c in ("tn", "fp", "fn", "tp"))
-            for w in ("at_0.5", "at_threshold")
+    rows = [
+        [
+            label,
+            fmt_ci((pooled["at_0.5"] or {}).get(key), ci.get(key) if key in THRESHOLD_FREE else None),
+            fmt_ci((pooled["at_threshold"] or {}).get(key), ci.get(key)),
         ]
-    )
-    lines += md_table(["metric", "@ 0.5", f"@ {fmt_num(t, 4)} (95% CI)"], rows)
+        for key, label in _CV_POOLED_ROWS
+    ]
+    rows.append(["Log loss", fmt_num(pooled.get("log_loss")), fmt_num(pooled.get("log_loss"))])
+    rows.append(["TN/FP/FN/TP", _confusion(pooled["at_0.5"]), _confusion(pooled["at_threshold"])])
     boot = pooled.get("bootstrap") or {}
+    lines += ["## Pooled out-of-fold metrics", "", *md_table(["metric", "@ 0.5", f"@ {t4} (95% CI)"], rows)]
     lines += [
         "",
-        f"Probabilities are sigmoid(logit / {fmt_num(result['temperature'])}). Intervals: percentile bootstrap "
+        f"Probabilities are sigmoid(logit / {temp}). Intervals: percentile bootstrap "
         f"over images ({boot.get('n_boot')} resamples, seed {boot.get('seed')}); PNEUMONIA is the positive "
         "class; a case is positive when p >= threshold.",
         "",
-    ]
-
-    # -- operating point and calibration
-    lines += ["## Operating point and calibration", ""]
-    lines += [
-        f"- Threshold: **{fmt_num(t, 4)}**, rule {rule}, chosen on the pooled calibrated out-of-fold probabilities.",
-        f"- Temperature: **{fmt_num(result['temperature'])}**, fitted once on the pooled out-of-fold logits "
+        "## Operating point and calibration",
+        "",
+        f"- Threshold: **{t4}**, rule {rule}, chosen on the pooled calibrated out-of-fold probabilities.",
+        f"- Temperature: **{temp}**, fitted once on the pooled out-of-fold logits "
         f"({_confidence(result['temperature'])}).",
         "",
     ]
     cal_rows = [
-        ["uncalibrated (T = 1)", "1.000"]
-        + [fmt_num(cal["uncalibrated"][m]) for m in ("log_loss", "ece", "brier")],
-        ["each run's own T", "per run"]
-        + [fmt_num(cal["per_run_temperature"][m]) for m in ("log_loss", "ece", "brier")],
-        ["pooled T", fmt_num(result["temperature"])]
-        + [fmt_num(cal["pooled_temperature"][m]) for m in ("log_loss", "ece", "brier")],
+        [name, t_text] + [fmt_num(cal[key][m]) for m in ("log_loss", "ece", "brier")]
+        for name, t_text, key in (
+            ("uncalibrated (T = 1)", "1.000", "uncalibrated"),
+            ("each run's own T", "per run", "per_run_temperature"),
+            ("pooled T", temp, "pooled_temperature"),
+        )
     ]
-    lines += md_table(["probabilities", "T", "log loss", f"ECE ({ECE_BINS} bins)", "Brier"], cal_rows)
-    lines.append("")
+    lines += [*md_table(["probabilities", "T", "log loss", f"ECE ({ECE_BINS} bins)", "Brier"], cal_rows), ""]
     if result.get("pooled_shift"):
         from xray.shifts import render_shift_table
 
@@ -511,26 +465,24 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
             "",
         ]
 
-    # -- per fold, own operating points
+    # per fold: at each run's own operating point, then at the pooled one
     folds, summary = result["folds"], result["fold_summary"]
     fold_metrics, shift_metrics = list(summary["val"]), list(summary["val_shift_mean"])
-    lines += ["## Per-fold metrics (each run's own threshold and temperature)", ""]
+    mean_row = ["**mean ± std**", str(sum(f["n"] for f in folds))]
     header = ["fold", "n", "threshold", "T"] + [_CV_LABELS[m] for m in fold_metrics]
     header += [f"shift {_CV_LABELS[m]}" for m in shift_metrics]
-    rows = []
-    for f in folds:
-        shift = f["val_shift_mean"]
-        rows.append(
-            [str(f["fold"]), str(f["n"]), fmt_num(f["threshold"], 4), fmt_num(f["temperature"])]
-            + [fmt_num(f["val"][m]) for m in fold_metrics]
-            + [fmt_num(shift[m]) if shift else "n/a" for m in shift_metrics]
-        )
+    rows = [
+        [str(f["fold"]), str(f["n"]), fmt_num(f["threshold"], 4), fmt_num(f["temperature"])]
+        + [fmt_num(f["val"][m]) for m in fold_metrics]
+        + [fmt_num(f["val_shift_mean"][m]) if f["val_shift_mean"] else "n/a" for m in shift_metrics]
+        for f in folds
+    ]
     rows.append(
-        ["**mean ± std**", str(sum(f["n"] for f in folds)), "", ""]
+        [*mean_row, "", ""]
         + [_mean_pm_std(summary["val"][m]) for m in fold_metrics]
         + [_mean_pm_std(summary["val_shift_mean"][m]) for m in shift_metrics]
     )
-    lines += md_table(header, rows)
+    lines += ["## Per-fold metrics (each run's own threshold and temperature)", "", *md_table(header, rows)]
     lines += [
         "",
         "Clean columns: the run's own validation fold at its own threshold and temperature (metrics.json). "
@@ -542,26 +494,17 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
         lines.append(
             f"Recomputed from val_predictions.csv (missing from some metrics.json): {', '.join(recomputed)}."
         )
-    lines.append("")
-
-    # -- per fold at the pooled operating point
-    lines += [
-        f"## Per-fold metrics at the pooled operating point (threshold {fmt_num(t, 4)}, T {fmt_num(result['temperature'])})",
-        "",
-    ]
     rows = [
         [str(f["fold"]), str(f["n"])] + [fmt_num(f["at_pooled_operating_point"][m]) for m in fold_metrics]
         for f in folds
     ]
-    rows.append(
-        ["**mean ± std**", str(sum(f["n"] for f in folds))]
-        + [_mean_pm_std(summary["at_pooled_operating_point"][m]) for m in fold_metrics]
-    )
-    lines += md_table(["fold", "n"] + [_CV_LABELS[m] for m in fold_metrics], rows)
-    lines.append("")
-
-    # -- meaning
+    rows.append(mean_row + [_mean_pm_std(summary["at_pooled_operating_point"][m]) for m in fold_metrics])
     lines += [
+        "",
+        f"## Per-fold metrics at the pooled operating point (threshold {t4}, T {temp})",
+        "",
+        *md_table(["fold", "n"] + [_CV_LABELS[m] for m in fold_metrics], rows),
+        "",
         "## What these numbers mean",
         "",
         "- Out-of-fold (OOF): every training image in the pooled set was scored once, by the fold model "
@@ -575,13 +518,10 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
         "- Each fold model is a different network: the pooled numbers describe the training recipe, not "
         "one checkpoint.",
         "",
+        "## Runs",
+        "",
+        *md_table(["fold", "run directory"], [[str(f["fold"]), f"`{f['run_dir']}`"] for f in folds], "l"),
     ]
-
-    # -- runs
-    lines += ["## Runs", ""]
-    lines += md_table(
-        ["fold", "run directory"], [[str(f["fold"]), f"`{f['run_dir']}`"] for f in folds], left=2
-    )
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -1,18 +1,11 @@
 """A deterministic "shift validation" suite: the validation images under seeded acquisition shifts.
 
-Why: images of unseen patients from the training distribution are saturated (validation AUROC ~0.997), so
-they cannot rank recipes, while the real test split differs from training mainly by *acquisition*
-(exposure, processing, detector resolution, compression, positioning). Evaluating the patient-grouped
-validation images under a fixed set of mild, label-preserving acquisition shifts gives a selection signal
-that can see acquisition shift without touching the test split.
-
-Every shift draws its magnitude per image from a fixed range with a generator seeded from
-``(seed, shift index, global image index)``, so the output varies across images but is reproducible and
-independent of batch size or of how the images are batched.
-
-``invert_windowing`` (invert, change window/level, invert back) was considered and dropped: with a linear
-window it is again an affine map with clipping, ``x -> a*x + b``, i.e. exactly the family already covered by
-the contrast and brightness shifts.
+Unseen patients from the training distribution saturate validation (AUROC ~0.997), while the test split
+differs mainly by acquisition (exposure, processing, resolution, compression, positioning); mild,
+label-preserving acquisition shifts give a selection signal for that without touching the test split.
+Each image's magnitudes come from a generator seeded by ``(seed, shift index, image index)``, so results
+do not depend on batching. (``invert_windowing`` was dropped: with a linear window it is an affine map
+with clipping, which the contrast and brightness shifts already cover.)
 """
 
 from __future__ import annotations
@@ -27,23 +20,8 @@ from torch import Tensor
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-SHIFTS: tuple[str, ...] = (
-    "contrast_low",
-    "contrast_high",
-    "gamma_low",
-    "gamma_high",
-    "brightness_down",
-    "brightness_up",
-    "blur",
-    "sharpen",
-    "noise",
-    "jpeg",
-    "resample",
-    "zoom_in",
-    "zoom_out",
-    "rotate",
-)
-"""Shift names, in a fixed order (the order is part of each image's seed)."""
+from xray.calibration import apply_temperature, log_loss
+from xray.metrics import choose_threshold, classification_metrics
 
 METRICS: tuple[str, ...] = (
     "auroc",
@@ -81,12 +59,6 @@ def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=g, dtype=torch.float64))
 
 
-def _signed(g: torch.Generator, low: float, high: float) -> float:
-    """Magnitude in [low, high] with a random sign."""
-    magnitude = _uniform(g, low, high)
-    return magnitude if float(torch.rand((), generator=g)) < 0.5 else -magnitude
-
-
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Gaussian blur of a float (1,H,W) image with reflect padding (kernel limited to the image)."""
     _, h, w = x.shape
@@ -99,32 +71,19 @@ def _resize(x: Tensor, h: int, w: int) -> Tensor:
 
 
 # Each shift: float (1,H,W) image in [0,255] and its generator -> float (1,H,W) (clamped later).
-def _contrast_low(x: Tensor, g: torch.Generator) -> Tensor:
-    return x.mean() + _uniform(g, 0.6, 0.8) * (x - x.mean())
+_Shift = Callable[[Tensor, torch.Generator], Tensor]
 
 
-def _contrast_high(x: Tensor, g: torch.Generator) -> Tensor:
-    return x.mean() + _uniform(g, 1.25, 1.5) * (x - x.mean())
+def _contrast(low: float, high: float) -> _Shift:
+    return lambda x, g: x.mean() + _uniform(g, low, high) * (x - x.mean())
 
 
-def _gamma(x: Tensor, gamma: float) -> Tensor:
-    return 255.0 * (x / 255.0).clamp(0, 1) ** gamma
+def _gamma(low: float, high: float) -> _Shift:
+    return lambda x, g: 255.0 * (x / 255.0).clamp(0, 1) ** _uniform(g, low, high)
 
 
-def _gamma_low(x: Tensor, g: torch.Generator) -> Tensor:
-    return _gamma(x, _uniform(g, 0.6, 0.8))
-
-
-def _gamma_high(x: Tensor, g: torch.Generator) -> Tensor:
-    return _gamma(x, _uniform(g, 1.25, 1.6))
-
-
-def _brightness_down(x: Tensor, g: torch.Generator) -> Tensor:
-    return x - _uniform(g, 20.0, 35.0)
-
-
-def _brightness_up(x: Tensor, g: torch.Generator) -> Tensor:
-    return x + _uniform(g, 20.0, 35.0)
+def _brightness(sign: float) -> _Shift:
+    return lambda x, g: x + sign * _uniform(g, 20.0, 35.0)
 
 
 def _blur(x: Tensor, g: torch.Generator) -> Tensor:
@@ -175,7 +134,8 @@ def _zoom_out(x: Tensor, g: torch.Generator) -> Tensor:
 
 def _rotate(x: Tensor, g: torch.Generator) -> Tensor:
     _, h, w = x.shape
-    angle = math.radians(_signed(g, 5.0, 10.0))
+    angle = _uniform(g, 5.0, 10.0)
+    angle = math.radians(angle if float(torch.rand((), generator=g)) < 0.5 else -angle)  # random sign
     c, s = math.cos(angle), math.sin(angle)
     # rotation about the centre in pixel units, expressed in affine_grid's normalised coordinates
     theta = torch.tensor([[c, -s * h / w, 0.0], [s * w / h, c, 0.0]], dtype=x.dtype, device=x.device)
@@ -183,13 +143,13 @@ def _rotate(x: Tensor, g: torch.Generator) -> Tensor:
     return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
 
-_SHIFT_FNS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
-    "contrast_low": _contrast_low,
-    "contrast_high": _contrast_high,
-    "gamma_low": _gamma_low,
-    "gamma_high": _gamma_high,
-    "brightness_down": _brightness_down,
-    "brightness_up": _brightness_up,
+_SHIFT_FNS: dict[str, _Shift] = {
+    "contrast_low": _contrast(0.6, 0.8),
+    "contrast_high": _contrast(1.25, 1.5),
+    "gamma_low": _gamma(0.6, 0.8),
+    "gamma_high": _gamma(1.25, 1.6),
+    "brightness_down": _brightness(-1.0),
+    "brightness_up": _brightness(1.0),
     "blur": _blur,
     "sharpen": _sharpen,
     "noise": _noise,
@@ -199,7 +159,7 @@ _SHIFT_FNS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
     "zoom_out": _zoom_out,
     "rotate": _rotate,
 }
-assert tuple(_SHIFT_FNS) == SHIFTS
+SHIFTS: tuple[str, ...] = tuple(_SHIFT_FNS)  # fixed order: the index is part of each image's seed
 
 
 def _check_names(names: Iterable[str]) -> None:
@@ -209,11 +169,8 @@ def _check_names(names: Iterable[str]) -> None:
 
 
 def apply_shift(images: Tensor, name: str, indices: Sequence[int] | Tensor, seed: int = 0) -> Tensor:
-    """Apply shift ``name`` to uint8 ``(B,1,H,W)`` images whose global indices are ``indices``.
-
-    Magnitudes are drawn per image from a generator seeded by ``(seed, shift, index)``: the result does not
-    depend on batching. Returns uint8 ``(B,1,H,W)``.
-    """
+    """Apply shift ``name`` to uint8 ``(B,1,H,W)`` images whose global indices are ``indices`` (which,
+    with ``seed``, seed each image's magnitudes)."""
     _check_names([name])
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(
@@ -240,11 +197,8 @@ def shift_logits(
     batch_size: int = 64,
     shifts: Sequence[str] = SHIFTS,
 ) -> dict[str, Tensor]:
-    """Logits ``(N,)`` (float32, CPU) of ``logits_fn`` on the clean images and under each shift.
-
-    ``logits_fn`` receives float images in [0,1] of shape ``(b,1,H,W)``. Keys: ``"clean"`` first, then
-    ``shifts`` in order.
-    """
+    """Logits ``(N,)`` (float32, CPU) of ``logits_fn`` (given float ``(b,1,H,W)`` in [0,1]) on the clean
+    images, key ``"clean"`` first, then under each of ``shifts``."""
     _check_names(shifts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -268,13 +222,10 @@ def shift_logits(
 
 
 def _binary_metrics(logits: Tensor, labels: Tensor, threshold: float, temperature: float) -> dict[str, float]:
-    from xray.calibration import log_loss
-    from xray.metrics import classification_metrics
-
     probs = torch.sigmoid(logits.detach().double().cpu().reshape(-1) / temperature)
     m = classification_metrics(probs, labels, threshold)
-    keep = ("auroc", "brier", "sensitivity", "specificity", "accuracy", "balanced_accuracy")
-    return {"log_loss": log_loss(logits.detach().cpu(), labels.cpu(), temperature), **{k: m[k] for k in keep}}
+    row = {"log_loss": log_loss(logits.detach().cpu(), labels.cpu(), temperature)}
+    return row | {k: m[k] for k in METRICS if k != "log_loss"}
 
 
 def shift_youden_threshold(
@@ -282,9 +233,6 @@ def shift_youden_threshold(
 ) -> float:
     """Youden's J on the clean and shifted scores pooled (the ``shift_youden`` rule): an operating point
     that holds when acquisition changes, where a clean-only one sits anywhere in a wide gap."""
-    from xray.calibration import apply_temperature
-    from xray.metrics import choose_threshold
-
     pooled = torch.cat([z.reshape(-1) for z in logits_by_shift.values()])
     probs = apply_temperature(pooled, temperature)
     return choose_threshold(probs, labels.reshape(-1).repeat(len(logits_by_shift)), rule="youden")
@@ -293,11 +241,8 @@ def shift_youden_threshold(
 def shift_metrics(
     logits_by_shift: dict[str, Tensor], labels: Tensor, threshold: float, temperature: float = 1.0
 ) -> dict[str, dict[str, float]]:
-    """Metrics per key (probs = sigmoid(logits / temperature)), plus ``"mean"`` and ``"worst"`` rows.
-
-    ``"mean"``/``"worst"`` summarise the shifts only (``"clean"`` is kept as its own row): worst is the min
-    for AUROC, sensitivity, specificity and (balanced) accuracy, the max for log loss and Brier.
-    """
+    """Metrics per key (probs = sigmoid(logits / temperature)), plus ``"mean"`` and ``"worst"`` rows over
+    the shifts only (not ``"clean"``); worst is the max for log loss and Brier, the min otherwise."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     reserved = [key for key in _SUMMARY_ROWS if key in logits_by_shift]
@@ -326,11 +271,8 @@ def render_shift_table(
     metrics: dict[str, dict[str, float]], *, threshold: float | None = None, seed: int | None = None
 ) -> str:
     """GitHub markdown table: clean, the shifts, then **mean** and **worst**, 3 decimals, with a caption."""
-    details = []
-    if threshold is not None:
-        details.append(f"threshold {threshold:.3f}")
-    if seed is not None:
-        details.append(f"seed {seed}")
+    details = [f"threshold {threshold:.3f}"] if threshold is not None else []
+    details += [f"seed {seed}"] if seed is not None else []
     suffix = f" ({', '.join(details)})" if details else ""
     lines = [
         f"Validation images under seeded acquisition shifts{suffix}; mean/worst are over the shifts.",
@@ -338,16 +280,13 @@ def render_shift_table(
         "| shift | " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |",
         "|---|" + "---:|" * len(_TABLE_COLUMNS),
     ]
-    keys = [k for k in metrics if k == "clean"]
-    keys += [k for k in metrics if k != "clean" and k not in _SUMMARY_ROWS]
+    keys = sorted((k for k in metrics if k not in _SUMMARY_ROWS), key=lambda k: k != "clean")  # stable
     keys += [k for k in _SUMMARY_ROWS if k in metrics]
     for key in keys:
-        bold = key in _SUMMARY_ROWS
-        cells = [f"{metrics[key][m]:.3f}" for m, _ in _TABLE_COLUMNS]
-        if bold:
+        cells = [key] + [f"{metrics[key][m]:.3f}" for m, _ in _TABLE_COLUMNS]
+        if key in _SUMMARY_ROWS:
             cells = [f"**{c}**" for c in cells]
-        label = f"**{key}**" if bold else key
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
