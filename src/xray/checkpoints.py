@@ -1,15 +1,11 @@
 """Checkpoint files: atomic writes, the one safe loader, and the network rebuilt from one.
 
-Checkpoints from elsewhere are untrusted: every load in the code base goes through
-``load_checkpoint_file``, which uses ``torch.load(weights_only=True)`` (plain tensors and containers
-only, no arbitrary unpickling) and turns each failure into a ``CheckpointError`` naming the file.
-
-Which file ``ckpt=`` names, and ensembles of them, are :mod:`xray.predictor`'s.
+Checkpoints are untrusted: every load goes through :func:`load_checkpoint_file`
+(``torch.load(weights_only=True)``), which turns each failure into a ``CheckpointError`` naming the file.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import pickle
@@ -27,7 +23,7 @@ from xray.constants import CHECKPOINT_KEY
 from xray.data.encoding import SourceEncoding
 from xray.errors import UserError
 from xray.models import build_net
-from xray.ood import OOD_KEY, FeatureGaussian, OodError
+from xray.ood import OOD_KEY, FeatureGaussian, OodError, is_positive_finite
 
 BEST_NAME = "best_xray_model.ckpt"
 LAST_NAME = "last.ckpt"
@@ -86,12 +82,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def check_positive(value: Any, where: str, what: str) -> float:
     """A finite float > 0, else a CheckpointError saying where the bad value was stored."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_positive_finite(value):
         raise CheckpointError(f"{where}: {what} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -187,10 +178,8 @@ def update_checkpoint_meta(path: str | os.PathLike, **values: Any) -> None:
 
 
 def export_for_inference(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False) -> Path:
-    """A slim copy of a checkpoint for shipping: weights and the xray section, no optimizer state.
-
-    ``half=True`` stores floating weights in float16 (the loader casts them back to float32).
-    """
+    """A slim copy for shipping: weights and the xray section, no optimizer state; ``half=True``
+    stores floating weights in float16 (the loader casts them back to float32)."""
     checkpoint = load_checkpoint_file(src)
     if CHECKPOINT_KEY not in checkpoint:
         raise CheckpointError(f"{src}: not an xray checkpoint (no '{CHECKPOINT_KEY}' section)")

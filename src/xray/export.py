@@ -1,27 +1,17 @@
-"""``python -m xray.export ckpt=... format=onnx output=model.onnx``: a self-contained deployable model.
+"""``python -m xray.export ckpt=... format=onnx output=model.onnx``: a deployable model that needs
+neither this package nor PyTorch.
 
-Why: a deployment needs neither this package nor PyTorch. The exported graph holds the whole
-predictor, one network or an ensemble: each member's network (with its flip TTA when it was
-evaluated that way), the mean of the raw logits, the temperature, and the OOD score of
-:mod:`xray.ood` (each member's PPCA Mahalanobis distance over its threshold, averaged). Beside it,
-``<output>.json`` says how to prepare the input and read the outputs: image size, interpolation,
-rescale, threshold, temperature, label mapping, the OOD threshold and statistics' provenance, the
-warning limits of ``predict.py``.
-
-Graph: input ``image`` float32 (N, 1, S, S) in [0, 1] (decoded to one grayscale channel, resized,
-times 1/255, as ``predict.py`` does); outputs ``prob_pneumonia`` (N,), ``logit`` (N,) (mean member
-logit before the temperature) and, when every member has OOD statistics, ``ood_score`` (N,).
-
-``format=onnx`` uses torch's TorchScript-based exporter (``dynamo=False``): it needs only the ``onnx``
-package, works offline and gives the same file for the same weights. ``format=torchscript`` writes a
-traced ``torch.jit`` module with the same inputs and outputs. ``verify=true`` (default) runs the
-written file (onnxruntime, or torch.jit.load) on a seeded batch and checks it against PyTorch.
+The graph holds the whole predictor (each member with its flip TTA, the mean logit, the temperature,
+the OOD score): input ``image`` float32 (N, 1, S, S) in [0, 1], prepared as ``predict.py`` does;
+outputs ``prob_pneumonia``, ``logit`` and, when every member has OOD statistics, ``ood_score``.
+``<output>.json`` describes the preprocessing, threshold, labels and warning limits. ONNX uses the
+TorchScript-based exporter (``dynamo=False``: offline, deterministic); ``verify=true`` checks the
+written file against PyTorch on a seeded batch.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -34,8 +24,6 @@ from xray.config_checks import ConfigError
 from xray.constants import CLASSES
 from xray.ood import logits_and_features
 from xray.predictor import Predictor, load_predictor
-
-log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1
 FORMATS = ("onnx", "torchscript")
@@ -57,40 +45,18 @@ class ExportedPredictor(nn.Module):
         self.nets = nn.ModuleList([m.net.float().eval() for m in predictor.members])
         self.ttas = [m.tta if tta is None else bool(tta) for m in predictor.members]
         self.temperature = float(predictor.temperature)
-        stats = predictor.ood_stats if ood else None
-        self.with_ood = stats is not None
-        for k, s in enumerate(stats or []):
-            self.register_buffer(f"ood_mean_{k}", s.mean.double())
-            self.register_buffer(f"ood_components_{k}", s.components.double())
-            self.register_buffer(f"ood_variances_{k}", s.variances.double())
-            self.register_buffer(
-                f"ood_scale_{k}",
-                torch.tensor([s.residual_variance, s.threshold, float(s.dim)], dtype=torch.float64),
-            )
-
-    def _ood(self, k: int, features: Tensor) -> Tensor:
-        """The member's score as :meth:`xray.ood.FeatureGaussian.score` computes it (float64)."""
-        mean, comps = getattr(self, f"ood_mean_{k}"), getattr(self, f"ood_components_{k}")
-        variances, scale = getattr(self, f"ood_variances_{k}"), getattr(self, f"ood_scale_{k}")
-        centred = features.double() - mean
-        z = centred @ comps.T
-        inside = (z * z / variances).sum(1)
-        r = centred - z @ comps
-        residual = (r * r).sum(1) / scale[0]
-        return torch.sqrt((inside + residual) / scale[2]) / scale[1]
+        self.stats = predictor.ood_stats if ood else None
+        self.with_ood = self.stats is not None
+        self.output_names = list(OUTPUT_NAMES if self.with_ood else OUTPUT_NAMES[:2])
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        logits, scores = [], []
-        for k, net in enumerate(self.nets):
-            z, features = logits_and_features(net, image, self.ttas[k])
-            logits.append(z)
-            if self.with_ood:
-                scores.append(self._ood(k, features))
-        logit = torch.stack(logits).mean(0)
+        outputs = [logits_and_features(net, image, self.ttas[k]) for k, net in enumerate(self.nets)]
+        logit = torch.stack([z for z, _ in outputs]).mean(0)
         prob = torch.sigmoid(logit / self.temperature)
-        if self.with_ood:
-            return prob, logit, torch.stack(scores).mean(0).float()
-        return prob, logit
+        if self.stats is None:
+            return prob, logit
+        scores = [s.score(f) for s, (_, f) in zip(self.stats, outputs, strict=True)]
+        return prob, logit, torch.stack(scores).mean(0).float()
 
 
 def export_metadata(
@@ -107,7 +73,7 @@ def export_metadata(
         "source": predictor.source,
         "members": len(predictor.members),
         "input": {"name": "image", "dtype": "float32", "shape": ["N", 1, size, size], "range": [0.0, 1.0]},
-        "outputs": list(OUTPUT_NAMES if module.with_ood else OUTPUT_NAMES[:2]),
+        "outputs": module.output_names,
         "preprocessing": {
             "source_encoding": None
             if encoding is None
@@ -160,6 +126,16 @@ def export_metadata(
     }
 
 
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def _seeded_images(predictor: Predictor, n: int, seed: int) -> Tensor:
+    size = predictor.preprocessing[0][0]
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
 def export_model(
     predictor: Predictor,
     output: str | os.PathLike[str],
@@ -170,25 +146,22 @@ def export_model(
     cfg: Any = None,
 ) -> tuple[Path, Path]:
     """Write the model file and its JSON (``<output>.json``); returns both paths."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    _check_format(fmt)
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     module = ExportedPredictor(predictor, tta=tta, ood=ood).eval()
-    size = predictor.preprocessing[0][0]
-    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
-    names = list(OUTPUT_NAMES if module.with_ood else OUTPUT_NAMES[:2])
+    example = _seeded_images(predictor, 2, seed=0)
+    names = module.output_names
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401  (the exporter needs it)
+        except ImportError:
+            raise ConfigError('format=onnx needs the onnx package: pip install -e ".[export]"') from None
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings of the TF-style padding: sizes are fixed here
             if fmt == "onnx":
-                try:
-                    import onnx  # noqa: F401  (the exporter needs it)
-                except ImportError:
-                    raise ConfigError(
-                        'format=onnx needs the onnx package: pip install -e ".[export]"'
-                    ) from None
                 torch.onnx.export(
                     module,
                     (example,),
@@ -229,8 +202,7 @@ def run_exported(path: str | os.PathLike[str], images: Tensor, fmt: str = "onnx"
 def verify_export(predictor: Predictor, path: Path, fmt: str, tta: bool | None, ood: bool) -> float:
     """Max |difference| of every output between the written file and PyTorch on a seeded batch."""
     module = ExportedPredictor(predictor, tta=tta, ood=ood).eval()
-    size = predictor.preprocessing[0][0]
-    images = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(1))
+    images = _seeded_images(predictor, 3, seed=1)
     with torch.no_grad():
         expected = dict(zip(OUTPUT_NAMES, module(images), strict=False))
     got = run_exported(path, images, fmt)
@@ -239,31 +211,22 @@ def verify_export(predictor: Predictor, path: Path, fmt: str, tta: bool | None, 
 
 def run_export(cfg: Any) -> int:
     """``python -m xray.export``: load ``ckpt``, write the model and its JSON, verify."""
-    fmt = str(cfg.format)
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if cfg.get("tta") is not None and not isinstance(cfg.tta, bool):
-        raise ConfigError(f"tta must be true, false or null (checkpoint's), got {cfg.tta!r}")
+    fmt, tta, ood = str(cfg.format), cfg.get("tta"), bool(cfg.get("ood", True))
+    _check_format(fmt)
+    if tta is not None and not isinstance(tta, bool):
+        raise ConfigError(f"tta must be true, false or null (checkpoint's), got {tta!r}")
     predictor = load_predictor(str(cfg.ckpt), cfg.log_dir)
     output = cfg.get("output") or ("model.onnx" if fmt == "onnx" else "model.pt")
-    if predictor.ood_stats is None and cfg.get("ood", True):
+    if predictor.ood_stats is None and ood:
         print(
             "note: the checkpoint has no OOD statistics: no ood_score output (python -m xray.ood fits them)"
         )
-    path, meta_path = export_model(
-        predictor,
-        output,
-        fmt,
-        tta=cfg.get("tta"),
-        ood=bool(cfg.get("ood", True)),
-        opset=int(cfg.opset),
-        cfg=cfg,
-    )
+    path, meta_path = export_model(predictor, output, fmt, tta=tta, ood=ood, opset=int(cfg.opset), cfg=cfg)
     print(f"checkpoint: {predictor.source}")
     print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB, {fmt}); preprocessing and labels: {meta_path}")
     if cfg.get("verify", True):
         try:
-            diff = verify_export(predictor, path, fmt, cfg.get("tta"), bool(cfg.get("ood", True)))
+            diff = verify_export(predictor, path, fmt, tta, ood)
         except ImportError:
             print('verify: skipped (onnxruntime is not installed: pip install -e ".[export]")')
         else:

@@ -12,23 +12,7 @@ from xray.config_checks import ConfigError
 from xray.constants import CLASSES
 from xray.transforms import rescale
 
-__all__ = ["GradCam", "last_conv2d", "write_gradcam"]
-
-
-def write_gradcam(
-    cam: GradCam,
-    images: Tensor,
-    index: list[int],
-    probs: dict[int, float],
-    paths: list[str],
-    threshold: float,
-) -> dict[int, str]:
-    """Overlays for the images of a batch that have a probability (every member scored them)."""
-    keep = [k for k, i in enumerate(index) if i in probs]
-    if not keep:
-        return {}
-    chosen = [index[k] for k in keep]
-    return cam.write(images[keep], chosen, [probs[i] for i in chosen], paths, threshold)
+__all__ = ["GradCam", "last_conv2d"]
 
 
 def last_conv2d(net: nn.Module) -> nn.Conv2d:
@@ -63,8 +47,12 @@ class GradCam:
         return (heat / peak[:, None, None]).cpu()
 
     def write(
-        self, images: Tensor, index: list[int], probs: list[float], paths: list[str], threshold: float
+        self, images: Tensor, index: list[int], probs: dict[int, float], paths: list[str], threshold: float
     ) -> dict[int, str]:
+        """Overlay PNGs of the batch images that have a probability (every member scored them)."""
+        keep = [k for k, i in enumerate(index) if i in probs]
+        if not keep:
+            return {}
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -72,10 +60,11 @@ class GradCam:
 
         if self.out_dir is None:
             raise ValueError("GradCam.write needs an output folder")
-        heat = self.maps(images)
-        gray = images[:, 0].cpu().numpy()
+        heat = self.maps(images[keep])
+        gray = images[keep, 0].cpu().numpy()
         written: dict[int, str] = {}
-        for k, (i, prob) in enumerate(zip(index, probs, strict=True)):
+        for k, i in enumerate([index[k] for k in keep]):
+            prob = probs[i]
             fig = Figure(figsize=(3.2, 3.5), dpi=100)
             FigureCanvasAgg(fig)
             ax = fig.subplots()

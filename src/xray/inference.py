@@ -1,21 +1,8 @@
-"""What ``predict.py`` does, callable from Python: files in, one probability (or one error) per file out.
+"""What ``predict.py`` does, callable from Python: files in, one :class:`PredictionRow` per file out.
 
-The preprocessing is the training code's own (:func:`xray.transforms.load_resized` per file, then
-:func:`xray.transforms.rescale` on the batch), with the image size and interpolation read from the
-checkpoint, so a file is scored exactly as validation and test score it during training.
-
-One model and an ensemble share one code path (:class:`xray.predictor.Predictor`): each member
-gives raw logits (flip-TTA averaged when it uses TTA) for the same files, decoded once per distinct
-(image size, interpolation); P(PNEUMONIA) = sigmoid(mean logit / T), T the stored temperature.
-
-Per-file faults never stop a run: the Dataset returns either ``(uint8 image, index)`` or
-``(error reason, index)``, and :func:`collate_separating_failures` keeps failures out of the batch
-tensor. Each input file gives exactly one :class:`PredictionRow`, in input order.
-
-Exit codes of :func:`run_predict` (and ``predict.py``): ``EXIT_OK`` (0) every file predicted,
-``EXIT_SOME_FAILED`` (3) at least one file could not be read (its row carries the reason), and
-``xray.cli.EXIT_USER_ERROR`` (2, raised as an error and reported by ``fail_cleanly``) for a bad
-checkpoint, a missing or empty input, or a bad setting.
+Files go through the training code's eval preprocessing (size and interpolation from the checkpoint),
+so a file is scored as validation scores it. An unreadable file gets an error row and never stops the
+run. Exit codes: ``EXIT_OK``, ``EXIT_SOME_FAILED``; user errors raise (exit 2 via ``fail_cleanly``).
 """
 
 from __future__ import annotations
@@ -42,7 +29,7 @@ from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
 from xray.data.encoding import SourceEncoding, match_file_encoding
 from xray.data.io import ImageInfo, ImageReadError, read_image_info
 from xray.data.records import find_images
-from xray.gradcam import GradCam, write_gradcam
+from xray.gradcam import GradCam
 from xray.models import flip_tta_logits
 from xray.ood import combine_scores, logits_and_features
 from xray.predictor import Predictor, load_predictor
@@ -74,18 +61,9 @@ __all__ = [
 ]
 
 EXIT_OK = 0
-EXIT_SOME_FAILED = 3
-"""Some files could not be read: their rows have ``error`` set; every other file was predicted."""
+EXIT_SOME_FAILED = 3  # some files could not be read (their rows carry the reason)
 
-CSV_COLUMNS: tuple[str, ...] = (
-    "path",
-    "prob_pneumonia",
-    "label",
-    "threshold",
-    "ood_score",
-    "warning",
-    "error",
-)
+CSV_COLUMNS = ("path", "prob_pneumonia", "label", "threshold", "ood_score", "warning", "error")
 _GLOB_CHARS = frozenset("*?[")
 
 WARNING_KINDS: dict[str, str] = {
@@ -130,10 +108,7 @@ def input_warnings(
 
 
 class InputError(ConfigError):
-    """``input=`` names nothing to predict (missing path, empty folder, glob without matches).
-
-    A ConfigError, so ``xray.cli.fail_cleanly`` reports it as one ``error:`` line with exit code 2.
-    """
+    """``input=`` names nothing to predict (missing path, empty folder, glob without matches)."""
 
 
 @dataclass
@@ -161,58 +136,46 @@ class PredictionRow:
 
 
 # ----------------------------------------------------------------------------------------------- inputs
+def _expand(path: Path) -> list[Path]:
+    """A folder's image files; a named file as it is (attempted whatever its extension)."""
+    return find_images(path) if path.is_dir() else [path]
+
+
 def _read_list_file(list_file: Path) -> list[Path]:
     """One path per line; relative ones are relative to the list file; blanks and ``#`` lines skipped."""
     try:
         text = list_file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"input={list_file}: cannot read the list file ({err})") from None
-    paths: list[Path] = []
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        path = Path(entry).expanduser()
-        path = path if path.is_absolute() else list_file.parent / path
-        paths.extend(find_images(path) if path.is_dir() else [path])  # a listed file is always attempted
-    return paths
+    entries = (line.strip() for line in text.splitlines())
+    # joining an absolute path gives that path
+    return [
+        p
+        for e in entries
+        if e and not e.startswith("#")
+        for p in _expand(list_file.parent / Path(e).expanduser())
+    ]
 
 
 def collect_inputs(spec: str | os.PathLike[str]) -> list[Path]:
-    """Files to predict from ``input=``: a file, a folder (recursive), a glob, or a ``.txt`` list.
-
-    In a folder only image extensions are collected; an explicitly named file (directly, by a glob
-    or in a list) is attempted whatever its extension, and fails on its own row if unreadable.
-    Raises :class:`InputError` when there is nothing to predict.
-    """
+    """Files to predict from ``input=``: a file, a folder (recursive), a glob, or a ``.txt`` list."""
     spec_str = os.fspath(spec)
     path = Path(spec_str).expanduser()
     if not path.exists() and _GLOB_CHARS & set(spec_str):
         matches = sorted(glob.glob(os.path.expanduser(spec_str), recursive=True))
-        paths: list[Path] = []
-        for match in map(Path, matches):
-            paths.extend(find_images(match) if match.is_dir() else [match])
-        if not paths:
-            raise InputError(f"input={spec_str}: the pattern matches no files")
-        return paths
-    if not path.exists():
+        paths, empty = [p for m in matches for p in _expand(Path(m))], "the pattern matches no files"
+    elif not path.exists():
         raise InputError(f"input={spec_str}: no such file or directory")
-    if path.is_dir():
-        paths = find_images(path)
-        if not paths:
-            raise InputError(
-                f"input={spec_str}: folder holds no image files (searched recursively for "
-                f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
-            )
-        return paths
-    if path.suffix.lower() == ".txt":
-        paths = _read_list_file(path)
-        if not paths:
-            raise InputError(
-                f"input={spec_str}: the list file names no files (blank and # lines are skipped)"
-            )
-        return paths
-    return [path]
+    elif path.is_dir():
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        paths, empty = find_images(path), f"folder holds no image files (searched recursively for {exts})"
+    elif path.suffix.lower() == ".txt":
+        paths, empty = _read_list_file(path), "the list file names no files (blank and # lines are skipped)"
+    else:
+        return [path]
+    if not paths:
+        raise InputError(f"input={spec_str}: {empty}")
+    return paths
 
 
 def class_from_path(path: str | os.PathLike[str]) -> int | None:
@@ -243,12 +206,11 @@ class PredictDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor | str, int, ImageInfo | None]:
-        """(uint8 (1,S,S), index, the file's ImageInfo) or (the reason it cannot be read, index, None)."""
         try:
             image, info = read_image_info(self.paths[index])
-            if self.source_encoding is not None:  # the size the file came with stays in `info`
+            if self.source_encoding is not None:
                 image = match_file_encoding(self.paths[index], image, self.source_encoding)
-            resized = resize_image(image, self.image_size, self.interpolation)  # = transforms.load_resized
+            resized = resize_image(image, self.image_size, self.interpolation)
         except ImageReadError as err:
             return err.reason, index, None
         except Exception as err:  # one odd file must not take the other files of its batch down
@@ -259,8 +221,7 @@ class PredictDataset(Dataset):
 def collate_separating_failures(
     items: Sequence[tuple[Tensor | str, int, ImageInfo | None]],
 ) -> tuple[Tensor | None, Tensor, list[tuple[int, str]], dict[int, ImageInfo]]:
-    """(uint8 images (B,1,S,S) or None when every file failed, their indices, [(index, reason)],
-    {index: ImageInfo} of the readable files)."""
+    """(images (B,1,S,S) or None when all failed, their indices, [(index, reason)], {index: ImageInfo})."""
     good = [(item[0], item[1]) for item in items if isinstance(item[0], Tensor)]
     failed = [(item[1], item[0]) for item in items if isinstance(item[0], str)]
     infos = {item[1]: item[2] for item in items if len(item) > 2 and item[2] is not None}
@@ -273,8 +234,7 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     if spec is None or str(spec) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(str(spec))
     except RuntimeError as err:
@@ -305,12 +265,8 @@ def _loader(dataset: PredictDataset, batch_size: int, num_workers: int, device: 
 def _preprocessing_groups(
     predictor: Predictor, match_encoding: bool = True
 ) -> list[tuple[tuple[int, str, SourceEncoding | None], list[int]]]:
-    """Member indices per distinct (image size, interpolation, source encoding): each group's images
-    are decoded once. ``match_encoding=False`` leaves inputs in their own encoding.
-
-    The first member's group comes last, so that when its Grad-CAM overlays are drawn every other
-    member's logits for those files are in and the titles can show the ensemble's probability.
-    """
+    """Member indices per distinct preprocessing (one decode each). The first member's group comes
+    last, so its Grad-CAM titles can show the whole ensemble's probability."""
     groups: dict[tuple[int, str, SourceEncoding | None], list[int]] = {}
     for k, member in enumerate(predictor.members):
         encoding = member.source_encoding if match_encoding else None
@@ -342,17 +298,8 @@ def predict_files(
     limits: WarningLimits = WarningLimits(),
     match_encoding: bool = True,
 ) -> list[PredictionRow]:
-    """One row per path, in order: batched, through DataLoader workers, under ``inference_mode``.
-
-    ``model``: one checkpoint or an ensemble; the probability is sigmoid(mean of the members' raw
-    logits / the temperature). ``threshold`` defaults to the checkpoint's (the ensemble's); ``tta``
-    to each member's own, and when given applies to every member. ``gradcam_dir``: also write one
-    Grad-CAM overlay PNG per readable image there, of the first member's plain network (also when
-    TTA is on), titled with the (ensemble's) probability. ``ood``: also give each row its OOD score
-    (``xray.ood``; only when every member has statistics) and the warnings of :func:`input_warnings`.
-    ``match_encoding``: give each input its member's training-file encoding first, when it has one
-    (``xray.data.encoding``); False only to measure what that step changes.
-    """
+    """One row per path, in order. ``threshold``/``tta`` default to the checkpoint's; ``gradcam_dir``
+    gets the first member's overlays; ``match_encoding=False`` leaves inputs in their own encoding."""
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
     predictor = Predictor.from_model(model) if isinstance(model, LoadedModel) else model
@@ -390,7 +337,7 @@ def predict_files(
                             seen[index, k] = True
                     if cam is not None and 0 in members:
                         batch = _calibrated(logits, seen, index.tolist(), predictor.temperature)
-                        heatmaps.update(write_gradcam(cam, images, index.tolist(), batch, paths, threshold))
+                        heatmaps.update(cam.write(images, index.tolist(), batch, paths, threshold))
                 bar.update(len(index) + len(failed))
     probs = _calibrated(logits, seen, list(range(len(paths))), predictor.temperature)
     ood_scores = combine_scores(list(scores.T)) if stats is not None else None
@@ -418,20 +365,19 @@ def predict_files(
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.8f}"
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Path:
-    """:data:`CSV_COLUMNS`; prob, label, ood_score and warning empty on error rows (ood_score also when
-    the checkpoint has no OOD statistics)."""
+    """:data:`CSV_COLUMNS`; the prediction cells are empty on error rows."""
     body = (
         [
             row.path,
-            _fmt(row.prob_pneumonia),
+            _fmt(row.prob_pneumonia, ".8f"),
             row.label or "",
             f"{row.threshold:.8g}",
-            "" if row.ood_score is None else f"{row.ood_score:.4f}",
+            _fmt(row.ood_score, ".4f"),
             row.warning,
             row.error or "",
         ]
@@ -466,8 +412,7 @@ def format_table(rows: Sequence[PredictionRow], show: int) -> Iterator[str]:
     """The first ``show`` rows as a fixed-width table (the CSV has them all)."""
     yield f"{'path':<52} {'p(PNEU)':>8}  {'label':<9}  {'ood':>6}  error / warning"
     for row in rows[: max(int(show), 0)]:
-        prob = "" if row.prob_pneumonia is None else f"{row.prob_pneumonia:.4f}"
-        ood = "" if row.ood_score is None else f"{row.ood_score:.2f}"
+        prob, ood = _fmt(row.prob_pneumonia, ".4f"), _fmt(row.ood_score, ".2f")
         note = row.error or (f"warning: {row.warning}" if row.warnings else "")
         yield f"{_clip(row.path, 52):<52} {prob:>8}  {row.label or '-':<9}  {ood:>6}  {_clip(note, 80, keep_end=False)}"
     if len(rows) > show:
@@ -479,22 +424,18 @@ def _fmt_metric(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------ entry point
+def _is_number(value: Any, kinds: type | tuple[type, ...] = (int, float)) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
 def _check_settings(cfg: Any) -> None:
     """Reject impossible values before a checkpoint or an image is read."""
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not is_int(cfg.batch_size) or cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
-    if not is_int(cfg.num_workers) or cfg.num_workers < 0:
-        raise ConfigError(f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
-    if not is_int(cfg.show) or cfg.show < 0:
-        raise ConfigError(f"show must be an integer >= 0, got {cfg.show!r}")
+    for name, low in (("batch_size", 1), ("num_workers", 0), ("show", 0)):
+        value = getattr(cfg, name)
+        if not _is_number(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     threshold = cfg.get("threshold")
-    if threshold is not None and (
-        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0
-    ):
+    if threshold is not None and (not _is_number(threshold) or not 0.0 <= threshold <= 1.0):
         raise ConfigError(f"threshold must be a number in [0, 1] or null (checkpoint's), got {threshold!r}")
     if cfg.get("tta") is not None and not isinstance(cfg.tta, bool):
         raise ConfigError(f"tta must be true, false or null (checkpoint's), got {cfg.tta!r}")
@@ -506,14 +447,11 @@ def _check_settings(cfg: Any) -> None:
 def _warning_limits(cfg: Any) -> WarningLimits:
     """``warn.min_side`` (int >= 1) and ``warn.max_aspect`` (number >= 1) of the predict config."""
     warn = cfg.get("warn") or {}
-    defaults = WarningLimits()
-    min_side, max_aspect = (
-        warn.get("min_side", defaults.min_side),
-        warn.get("max_aspect", defaults.max_aspect),
-    )
-    if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
+    min_side = warn.get("min_side", WarningLimits.min_side)
+    max_aspect = warn.get("max_aspect", WarningLimits.max_aspect)
+    if not _is_number(min_side, int) or min_side < 1:
         raise ConfigError(f"warn.min_side must be an integer >= 1 (pixels), got {min_side!r}")
-    if isinstance(max_aspect, bool) or not isinstance(max_aspect, (int, float)) or not max_aspect >= 1:
+    if not _is_number(max_aspect) or not max_aspect >= 1:
         raise ConfigError(
             f"warn.max_aspect must be a number >= 1 (long side / short side), got {max_aspect!r}"
         )
@@ -537,16 +475,12 @@ def _ckpt_spec(value: Any) -> str | list[str]:
 
 def _describe_preprocessing(predictor: Predictor, match_encoding: bool = True) -> str:
     """``image size 160px (bilinear) from 224x224 JPEG q75``; an ensemble lists each distinct one once."""
-    sizes = " + ".join(
-        f"{size}px ({interpolation})"
-        + (
-            f" from {enc.width}x{enc.height} JPEG q{enc.quality}"
-            if enc is not None and match_encoding
-            else ""
-        )
-        for size, interpolation, enc in predictor.preprocessing
-    )
-    return f"image size {sizes}"
+    sizes = [
+        f"{size}px ({interp})"
+        + (f" from {e.width}x{e.height} JPEG q{e.quality}" if e is not None and match_encoding else "")
+        for size, interp, e in predictor.preprocessing
+    ]
+    return "image size " + " + ".join(sizes)
 
 
 def _output_csv(cfg: Any) -> Path:
@@ -560,11 +494,7 @@ def _output_csv(cfg: Any) -> Path:
 
 
 def run_predict(cfg: Any) -> int:
-    """``predict.py``: resolve the checkpoint, collect inputs, predict, write CSV (+ metrics, Grad-CAM).
-
-    Returns ``EXIT_OK`` or ``EXIT_SOME_FAILED``; raises CheckpointError / InputError / ConfigError
-    (exit code 2 through ``fail_cleanly``) when there is nothing sensible to do.
-    """
+    """``predict.py``: resolve the checkpoint, collect inputs, predict, write CSV (+ metrics, Grad-CAM)."""
     _check_settings(cfg)
     keep_freed_memory()
     predictor = load_predictor(_ckpt_spec(cfg.ckpt), cfg.log_dir)
@@ -596,14 +526,13 @@ def run_predict(cfg: Any) -> int:
         source,
         calibration,
     )
-    use_ood = bool(cfg.get("ood", True))
-    if use_ood and predictor.ood_stats is None:
+    use_ood, stats = bool(cfg.get("ood", True)), predictor.ood_stats
+    if use_ood and stats is None:
         log.info(
             "ood_score: the checkpoint has no OOD statistics (older checkpoint); fit them with "
             "`python -m xray.ood ckpt=... data.root=...`; size, aspect and frame warnings still apply"
         )
-    elif use_ood:
-        stats = predictor.ood_stats or []
+    elif use_ood and stats:
         log.info(
             "ood_score: flagged above %.2f (accepts %.0f%% of validation films per member)",
             predictor.ood_threshold,
@@ -638,11 +567,10 @@ def run_predict(cfg: Any) -> int:
             csv_path.parent / "metrics.json",
             {"checkpoint": predictor.source, "input": input_spec, **metrics},
         )
+        names = ("accuracy", "sensitivity", "specificity", "AUROC")
+        scores = ", ".join(f"{name} {_fmt_metric(metrics[name.lower()])}" for name in names)
         log.info(
-            f"metrics on {metrics['n']} files labelled by their NORMAL/PNEUMONIA folder: "
-            f"accuracy {_fmt_metric(metrics['accuracy'])}, sensitivity {_fmt_metric(metrics['sensitivity'])}, "
-            f"specificity {_fmt_metric(metrics['specificity'])}, AUROC {_fmt_metric(metrics['auroc'])} "
-            f"-> {metrics_path}"
+            f"metrics on {metrics['n']} files labelled by their NORMAL/PNEUMONIA folder: {scores} -> {metrics_path}"
         )
     if cfg.get("gradcam"):
         log.info("grad-cam overlays: %s", csv_path.parent / "gradcam")

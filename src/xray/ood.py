@@ -1,30 +1,14 @@
-"""Out-of-distribution (OOD) scores from a network's own penultimate features.
+"""Out-of-distribution (OOD) scores from a network's own penultimate features (the input of its final
+linear layer during the plain, unmirrored pass: the score costs nothing extra at prediction time).
 
-Why: the classifier gives a confident probability for anything, a 3-pixel image or an adult film
-included. The features that feed its final linear layer are where "what it has seen" lives, so each
-network gets a Gaussian of the features of its training films and an image far from it is flagged.
-
-Model (per network): probabilistic PCA of the penultimate features of (a seeded, stratified
-subsample of) the training split: mean ``mu``, the top ``k`` principal directions ``V`` with their
-variances ``lambda``, and one variance ``sigma2`` for everything outside them. The distance of a
-feature vector ``f`` is the Mahalanobis distance under that full-rank covariance,
+Per network: probabilistic PCA of (a seeded, stratified subsample of) the training films' features,
+mean ``mu``, top ``k`` directions ``V`` with variances ``lambda``, one variance ``sigma2`` for the rest:
 
     d(f) = sqrt( (sum_i z_i^2 / lambda_i + |r|^2 / sigma2) / D ),   z = V (f - mu),   r = (f - mu) - V^T z
 
-(D the feature size), stored as ``k x D`` floats rather than a ``D x D`` precision matrix. The
-threshold ``t`` is the ``acceptance`` quantile (default 95%) of ``d`` over the network's own
-validation films; the **score** is ``d / t``, so a score above 1 means "further out than all but
-5% of validation films". An ensemble's score is the mean of its members' scores, each with its own
-statistics and threshold, and is flagged above the ensemble's ``ood_threshold`` (1.0 unless an
-``ensemble.json`` stores another).
-
-Features are those of the plain image (not the mirrored TTA copy): the same pass that gives the
-logit, so the score costs nothing extra at prediction time.
-
-``python -m xray.ood ckpt=... data.root=...`` fits the statistics of existing checkpoints (one file
-or an ensemble folder) and writes them in; ``evaluate=true`` prints the separation table of
-:mod:`xray.ood_check` (AUROC of the score, validation films vs synthetic non-films, and the acceptance
-rate). See conf/ood.yaml.
+The threshold ``t`` is the ``acceptance`` quantile (95%) of ``d`` over validation films; the score is
+``d / t`` (above 1: further out than 95% of them). An ensemble's score is its members' mean, flagged
+above its ``ood_threshold``. ``python -m xray.ood ckpt=... data.root=...`` fits them (conf/ood.yaml).
 """
 
 from __future__ import annotations
@@ -39,24 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from xray.models import flip_tta_logits
 from xray.transforms import rescale
 
 OOD_KEY = "ood"
 OOD_FORMAT = 1
 DEFAULT_ACCEPTANCE = 0.95
 DEFAULT_COMPONENTS = 128
-
-
-def manifest_section(
-    acceptance: float = DEFAULT_ACCEPTANCE, components: int = DEFAULT_COMPONENTS
-) -> dict[str, Any]:
-    """``ensemble.json``'s ``ood`` entry: how the members' scores combine (flagged above 1.0)."""
-    return {
-        "threshold": 1.0,
-        "score": "mean over members of (PPCA Mahalanobis distance / the member's threshold)",
-        "acceptance": float(acceptance),
-        "components": int(components),
-    }
 
 
 __all__ = [
@@ -76,6 +49,25 @@ class OodError(ValueError):
     """Stored OOD statistics that are malformed, or a fit that cannot be done."""
 
 
+def is_positive_finite(value: Any) -> bool:
+    """A finite real number > 0 (``True`` is no number here)."""
+    return (
+        not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+    )
+
+
+def manifest_section(
+    acceptance: float = DEFAULT_ACCEPTANCE, components: int = DEFAULT_COMPONENTS
+) -> dict[str, Any]:
+    """``ensemble.json``'s ``ood`` entry: how the members' scores combine (flagged above 1.0)."""
+    return {
+        "threshold": 1.0,
+        "score": "mean over members of (PPCA Mahalanobis distance / the member's threshold)",
+        "acceptance": float(acceptance),
+        "components": int(components),
+    }
+
+
 # ------------------------------------------------------------------------------------------- features
 def classifier_layer(net: nn.Module) -> nn.Linear:
     """The final classifier: the last ``nn.Linear`` in module order (every network here ends in one)."""
@@ -86,11 +78,7 @@ def classifier_layer(net: nn.Module) -> nn.Linear:
 
 
 def logits_and_features(net: nn.Module, x: Tensor, tta: bool) -> tuple[Tensor, Tensor]:
-    """float (B,C,S,S) in [0, 1] -> (logits (B,), penultimate features (B, D)).
-
-    The features are the input of the final linear layer during the plain (unmirrored) pass; with
-    ``tta`` the logit is the mean over the image and its mirror, as in training's evaluation.
-    """
+    """float (B,C,S,S) in [0, 1] -> (logits (B,), features (B, D) of the plain pass)."""
     captured: list[Tensor] = []
 
     def grab(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -99,9 +87,7 @@ def logits_and_features(net: nn.Module, x: Tensor, tta: bool) -> tuple[Tensor, T
 
     handle = classifier_layer(net).register_forward_pre_hook(grab)
     try:
-        logits = net(x)
-        if tta:
-            logits = (logits + net(x.flip(-1))) / 2
+        logits = flip_tta_logits(net, x) if tta else net(x)
     finally:
         handle.remove()
     return logits.float().reshape(-1), captured[0].float()
@@ -224,25 +210,19 @@ class FeatureGaussian:
             raise OodError(f"{where}: OOD statistics are not of format {OOD_FORMAT}")
         try:
             mean, comps, var = meta["mean"], meta["components"], meta["variances"]
-            ok = (
-                all(isinstance(t, Tensor) for t in (mean, comps, var))
-                and mean.ndim == 1
-                and comps.ndim == 2
-                and comps.shape[1] == mean.numel()
-                and var.shape == (comps.shape[0],)
-                and bool((var > 0).all())
-            )
             threshold, residual = meta["threshold"], meta["residual_variance"]
         except KeyError as err:
             raise OodError(f"{where}: OOD statistics lack {err}") from None
-        for value in (threshold, residual):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                ok = False
+        ok = (
+            all(isinstance(t, Tensor) for t in (mean, comps, var))
+            and mean.ndim == 1
+            and comps.ndim == 2
+            and comps.shape[1] == mean.numel()
+            and var.shape == (comps.shape[0],)
+            and bool((var > 0).all())
+            and is_positive_finite(threshold)
+            and is_positive_finite(residual)
+        )
         if not ok:
             raise OodError(
                 f"{where}: OOD statistics are malformed (shapes, or non-positive variances/threshold)"
@@ -272,8 +252,7 @@ def stratified_subsample(labels: Sequence[int], n: int | None, seed: int) -> lis
         return list(range(len(labels)))
     rng = np.random.default_rng(seed)
     picked: list[int] = []
-    classes = sorted(set(labels))
-    for c in classes:
+    for c in sorted(set(labels)):
         members = [i for i, y in enumerate(labels) if y == c]
         k = max(1, round(n * len(members) / len(labels)))
         picked += rng.choice(members, min(k, len(members)), replace=False).tolist()
@@ -301,20 +280,15 @@ def fit_network(
 def member_split(
     model: Any, records: list[Any], cfg: Any, index: int, n_members: int
 ) -> tuple[list[Any], list[Any], str]:
-    """(training records, validation records, description) of one network, as it was trained.
-
-    From the checkpoint's stored ``split`` (written at the end of training), else ``data.n_folds`` /
-    ``data.fold`` of the command, else ``fold<k>`` in the member's file name with one fold per member
-    (the shipped ensemble), else the patient-grouped ``val_fraction`` split.
-    """
+    """(training records, validation records, description) of one network, as it was trained: from the
+    checkpoint's stored ``split``, else ``data.n_folds``/``data.fold``, else ``fold<k>`` in the file name
+    (one fold per member, the shipped ensemble), else the patient-grouped ``val_fraction`` split."""
     import re
 
-    from xray.data.records import patient_folds, split_by_patient
+    from xray.data.records import patient_folds, scan_split, split_by_patient
 
     stored = model.meta.get("split") or {}
     if stored.get("val_source") == "official":
-        from xray.data.records import scan_split
-
         return records, scan_split(cfg.data.root, "val"), "the official val/ folder"
     seed = int(stored.get("split_seed", cfg.data.split_seed))
     n_folds, fold = stored.get("n_folds"), stored.get("fold")
@@ -361,7 +335,6 @@ def load_images(records: Sequence[Any], size: int, interpolation: str) -> Tensor
 
 def run_ood(cfg: Any) -> int:
     """Fit (``write=true``) and/or evaluate (``evaluate=true``) the OOD statistics of ``ckpt``."""
-
     from xray.checkpoints import update_checkpoint_meta
     from xray.config_checks import ConfigError
     from xray.data.records import scan_split
@@ -393,16 +366,18 @@ def run_ood(cfg: Any) -> int:
                 batch_size=int(cfg.batch_size),
                 device=device,
             )
-            member.meta["ood"] = stats.to_meta()
+            member.meta[OOD_KEY] = stats.to_meta()
             print(
                 f"  threshold {stats.threshold:.4f} (distance at {100 * stats.acceptance:.0f}% of validation films)",
                 flush=True,
             )
             if cfg.write:
-                update_checkpoint_meta(member.path, ood=stats.to_meta())
-        if cfg.write and target.is_dir() and (target / MANIFEST_NAME).is_file():
-            update_ensemble_manifest(target, ood=manifest_section(float(cfg.acceptance), int(cfg.components)))
+                update_checkpoint_meta(member.path, ood=member.meta[OOD_KEY])
         if cfg.write:
+            if target.is_dir() and (target / MANIFEST_NAME).is_file():
+                update_ensemble_manifest(
+                    target, ood=manifest_section(float(cfg.acceptance), int(cfg.components))
+                )
             print(f"OOD statistics written into {target}")
     if cfg.evaluate:
         from xray.ood_check import evaluate_separation

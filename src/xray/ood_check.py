@@ -28,10 +28,6 @@ def _uint8(x: np.ndarray) -> np.ndarray:
     return np.zeros(x.shape, np.uint8) if hi <= lo else np.rint((x - lo) * 255 / (hi - lo)).astype(np.uint8)
 
 
-def _noise(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    return rng.integers(0, 256, (size, size), dtype=np.uint8)
-
-
 def _gradient(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size] / size
     angle = rng.uniform(0, 2 * np.pi)
@@ -53,10 +49,6 @@ def _texture(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarra
     amplitude[0, 0] = 0.0
     phase = rng.uniform(0, 2 * np.pi, amplitude.shape)
     return _uint8(np.fft.irfft2(amplitude * np.exp(1j * phase), s=(size, size)))
-
-
-def _inverted(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndarray:
-    return 255 - film
 
 
 def _resized(image: np.ndarray, size: int) -> np.ndarray:
@@ -82,10 +74,10 @@ def _elongated(rng: np.random.Generator, size: int, film: np.ndarray) -> np.ndar
 
 
 OOD_FAMILIES: dict[str, Callable[[np.random.Generator, int, np.ndarray], np.ndarray]] = {
-    "noise": _noise,
+    "noise": lambda rng, size, film: rng.integers(0, 256, (size, size), dtype=np.uint8),
     "gradient": _gradient,
     "texture": _texture,
-    "inverted": _inverted,
+    "inverted": lambda rng, size, film: 255 - film,
     "crop": _crop,
     "tiny": _tiny,
     "elongated": _elongated,
@@ -114,9 +106,8 @@ def separation(
     """AUROC of the score (in-distribution films = 0, each family = 1; torchmetrics) and flag rates."""
     from torchmetrics.functional.classification import binary_auroc
 
-    def unit(
-        x: Tensor,
-    ) -> Tensor:  # monotone map to [0, 1): torchmetrics would squash raw scores by a sigmoid
+    def unit(x: Tensor) -> Tensor:
+        """A monotone map to [0, 1): torchmetrics would squash raw scores by a sigmoid."""
         x = x.double().clamp(min=0)
         return x / (1 + x)
 
@@ -153,10 +144,10 @@ def format_separation(table: dict[str, dict[str, float]], title: str) -> list[st
 
 def evaluate_separation(predictor: Any, records: list[Any], cfg: Any, device: Any) -> None:
     """Separation table: films held out from fitting vs the synthetic families, per member and for the ensemble."""
+    from xray.config_checks import ConfigError
+
     stats = predictor.ood_stats
     if stats is None:
-        from xray.config_checks import ConfigError
-
         raise ConfigError("evaluate=true: the checkpoint has no OOD statistics; run with fit=true first")
     n = len(predictor.members)
     held_out: list[Any] = []
@@ -170,16 +161,16 @@ def evaluate_separation(predictor: Any, records: list[Any], cfg: Any, device: An
     films_by_member = [load_images(v, size, interpolation) for v in held_out]
     films = torch.cat(films_by_member)
     families = ood_families(films, int(cfg.n_family), seed=int(cfg.seed))
+    batches = {"films": films, **families}
     own: list[Tensor] = []
-    member_scores: dict[str, list[Tensor]] = {name: [] for name in ["films", *families]}
+    member_scores: dict[str, list[Tensor]] = {name: [] for name in batches}
     for k, member in enumerate(predictor.members):
-        _, f = extract_features(member.net, films, batch_size=int(cfg.batch_size), device=device)
-        member_scores["films"].append(stats[k].score(f))
-        start = sum(len(v) for v in films_by_member[:k])
-        own.append(stats[k].score(f[start : start + len(films_by_member[k])]))
-        for name, images in families.items():
+        for name, images in batches.items():
             _, f = extract_features(member.net, images, batch_size=int(cfg.batch_size), device=device)
             member_scores[name].append(stats[k].score(f))
+            if name == "films":  # the member's own held-out films
+                start = sum(len(v) for v in films_by_member[:k])
+                own.append(stats[k].score(f[start : start + len(films_by_member[k])]))
     lines = ["## OOD score separation", ""]
     per_member = separation(
         torch.cat(own), {k: torch.cat(v) for k, v in member_scores.items() if k != "films"}, 1.0

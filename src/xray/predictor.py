@@ -1,10 +1,5 @@
-"""``ckpt=`` to a :class:`Predictor`: resolving best/last/pretrained/run dir/file/folder/list, and ensembles.
-
-Prediction loads a :class:`Predictor`: one model, or an ensemble of models whose raw logits are
-averaged (``ckpt=[a.ckpt,b.ckpt]``, or a folder with an ``ensemble.json`` manifest or with two or
-more ``*.ckpt`` files), so the prediction code has a single path for both. Every file is read by
-:mod:`xray.checkpoints`' safe loader.
-"""
+"""``ckpt=`` to a :class:`Predictor`: one model or an ensemble (``ckpt=[a,b]``, or a folder with an
+``ensemble.json`` or two or more ``*.ckpt``), so prediction has one code path for both."""
 
 from __future__ import annotations
 
@@ -31,19 +26,8 @@ from xray.locations import candidates, locate
 from xray.ood import FeatureGaussian
 
 PRETRAINED_NAME = "xray_gpu_transfer"
-
-
-def shipped_model_candidates() -> list[Path]:
-    """Where ``ckpt=pretrained`` looks, in order (:func:`xray.locations.candidates`)."""
-    return candidates(f"models/{PRETRAINED_NAME}")
-
-
 PRETRAINED_PATH = locate(f"models/{PRETRAINED_NAME}")
-
-
 MANIFEST_NAME = "ensemble.json"
-
-
 MANIFEST_FORMAT = 1
 
 
@@ -52,16 +36,13 @@ def latest_run_with(log_dir: str | os.PathLike, filename: str) -> Path | None:
     log_dir = Path(log_dir)
     if not log_dir.is_dir():
         return None
-    candidates = [p for p in log_dir.rglob(f"checkpoints/{filename}") if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    found = [p for p in log_dir.rglob(f"checkpoints/{filename}") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "logs") -> Path:
-    """``best``/``last``: the most recent training run under ``log_dir``; ``pretrained``: the shipped
-    model (a file, or an ensemble folder); a run directory: its best checkpoint (else last); an
-    ensemble folder (see :func:`is_ensemble_folder`): the folder itself; anything else: a file path.
-
-    The result is a checkpoint file or an ensemble folder; :func:`load_predictor` loads either."""
+    """A checkpoint file or an ensemble folder: ``best``/``last`` of the newest run under ``log_dir``,
+    ``pretrained`` (the shipped model), a run directory's best (else last), or the path itself."""
     spec_str = str(spec)
     if spec_str in ("best", "last"):
         name = BEST_NAME if spec_str == "best" else LAST_NAME
@@ -76,7 +57,7 @@ def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "lo
         if not PRETRAINED_PATH.exists():
             raise CheckpointError(
                 f"ckpt=pretrained: shipped model {PRETRAINED_PATH} is missing (looked in: "
-                f"{', '.join(str(p) for p in shipped_model_candidates())}); give a checkpoint with ckpt=PATH"
+                f"{', '.join(map(str, candidates(f'models/{PRETRAINED_NAME}')))}); give a checkpoint with ckpt=PATH"
             )
         if PRETRAINED_PATH.is_dir() and not is_ensemble_folder(PRETRAINED_PATH):
             raise CheckpointError(
@@ -108,19 +89,15 @@ def resolve_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike = "lo
 
 @dataclass
 class Predictor:
-    """One model or an ensemble: P(PNEUMONIA) = sigmoid(mean of the members' raw logits / temperature).
-
-    Each member keeps its own preprocessing and TTA flag; ``threshold`` applies to the calibrated
-    probability. ``source`` is what ``predict.py`` prints as the checkpoint (the path for one model).
-    """
+    """P(PNEUMONIA) = sigmoid(mean of the members' raw logits / temperature); each member keeps its
+    own preprocessing and TTA. ``source`` is what ``predict.py`` prints as the checkpoint."""
 
     members: list[LoadedModel]
     threshold: float
     temperature: float
     source: str
     threshold_source: str = "checkpoint"
-    ood_threshold: float = 1.0
-    """Flag an image whose OOD score (mean of the members' scores) exceeds this (``xray.ood``)."""
+    ood_threshold: float = 1.0  # flag an image whose mean member OOD score exceeds this
 
     @classmethod
     def from_model(cls, model: LoadedModel) -> Predictor:
@@ -154,13 +131,11 @@ def _folder_checkpoints(folder: Path) -> list[Path]:
 
 
 def ensemble_from_models(models: Sequence[LoadedModel], source: str) -> Predictor:
-    """An ensemble without a manifest: threshold = mean of the members' thresholds; temperature = 1.0
-    when every member has T = 1, else the mean of their temperatures (each T was fitted on one
-    member's logits, so their mean is only a stand-in for a T fitted on the ensemble's)."""
+    """An ensemble without a manifest: the mean of the members' thresholds and temperatures (a
+    stand-in for a T fitted on the ensemble's logits; exactly 1.0 when every T is 1)."""
     if not models:
         raise CheckpointError(f"{source}: an ensemble needs at least one checkpoint")
-    temperatures = [m.temperature for m in models]
-    temperature = 1.0 if all(t == 1.0 for t in temperatures) else sum(temperatures) / len(temperatures)
+    temperature = sum(m.temperature for m in models) / len(models)
     threshold = sum(m.threshold for m in models) / len(models)
     return Predictor(list(models), threshold, temperature, source, threshold_source="the members' mean")
 
@@ -183,25 +158,6 @@ def read_ensemble_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_manifest_ensemble(manifest_path: str | os.PathLike) -> Predictor:
-    """The ensemble an ``ensemble.json`` describes: its members (relative to its folder), threshold, T."""
-    manifest_path = Path(manifest_path)
-    manifest = read_ensemble_manifest(manifest_path)
-    paths = [manifest_path.parent / member for member in manifest["members"]]
-    for member in paths:
-        if not member.is_file():
-            raise CheckpointError(f"{manifest_path}: member checkpoint {member} not found")
-    models = [load_model(member) for member in paths]
-    return Predictor(
-        models,
-        float(manifest["threshold"]),
-        float(manifest["temperature"]),
-        f"{manifest_path.parent} (ensemble of {len(models)} from {MANIFEST_NAME})",
-        threshold_source=MANIFEST_NAME,
-        ood_threshold=_manifest_ood_threshold(manifest, str(manifest_path)),
-    )
-
-
 def _manifest_ood_threshold(manifest: dict[str, Any], where: str) -> float:
     """``ood.threshold`` of a manifest (1.0 when absent): a finite number > 0."""
     ood = manifest.get("ood", {})
@@ -210,10 +166,21 @@ def _manifest_ood_threshold(manifest: dict[str, Any], where: str) -> float:
 
 
 def load_folder_ensemble(folder: str | os.PathLike) -> Predictor:
-    """``ensemble.json`` when the folder has one, else every ``*.ckpt`` directly in it (two or more)."""
-    folder = Path(folder)
-    if (folder / MANIFEST_NAME).is_file():
-        return load_manifest_ensemble(folder / MANIFEST_NAME)
+    """``ensemble.json`` (members relative to the folder) when there is one, else every ``*.ckpt``
+    directly in the folder (two or more)."""
+    folder, manifest_path = Path(folder), Path(folder) / MANIFEST_NAME
+    if manifest_path.is_file():
+        manifest = read_ensemble_manifest(manifest_path)
+        paths = [folder / member for member in manifest["members"]]
+        _check_members_exist(manifest_path, paths)
+        return Predictor(
+            [load_model(member) for member in paths],
+            float(manifest["threshold"]),
+            float(manifest["temperature"]),
+            f"{folder} (ensemble of {len(paths)} from {MANIFEST_NAME})",
+            threshold_source=MANIFEST_NAME,
+            ood_threshold=_manifest_ood_threshold(manifest, str(manifest_path)),
+        )
     paths = _folder_checkpoints(folder)
     if len(paths) < 2:
         raise CheckpointError(
@@ -244,12 +211,22 @@ def load_predictor(
     )
 
 
+def _check_members_exist(where: Path, paths: list[Path]) -> None:
+    for member in paths:
+        if not member.is_file():
+            raise CheckpointError(f"{where}: member checkpoint {member} not found")
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+
+
 def _manifest_member(folder: Path, member: str | os.PathLike) -> str:
     """Member path as stored: relative to the manifest's folder (a relative one already is)."""
     path = Path(member).expanduser()
-    if not path.is_absolute():
-        return path.as_posix()
-    return Path(os.path.relpath(path.resolve(), folder.resolve())).as_posix()
+    if path.is_absolute():
+        path = Path(os.path.relpath(path.resolve(), folder.resolve()))
+    return path.as_posix()
 
 
 def write_ensemble_manifest(
@@ -260,16 +237,13 @@ def write_ensemble_manifest(
     threshold_rule: str,
     **extra: Any,
 ) -> Path:
-    """Write ``folder/ensemble.json`` atomically; returns its path. Relative members are relative to
-    ``folder``; absolute ones are stored relative to it, so a folder holding its members can move.
-    ``extra`` keys (e.g. ``description``, fold metrics) are stored and ignored by the loader."""
+    """Write ``folder/ensemble.json`` atomically; members are stored relative to ``folder`` (so it can
+    move). ``extra`` keys (e.g. fold metrics) are stored and ignored by the loader."""
     folder = Path(folder)
     stored = [_manifest_member(folder, m) for m in members]
     if not stored:
         raise CheckpointError(f"{folder}: an ensemble manifest needs at least one member")
-    for member in stored:
-        if not (folder / member).is_file():
-            raise CheckpointError(f"{folder}: member checkpoint {folder / member} not found")
+    _check_members_exist(folder, [folder / member for member in stored])
     reserved = {"format", "members", "threshold", "temperature", "threshold_rule"} & set(extra)
     if reserved:
         raise ValueError(f"write_ensemble_manifest: {sorted(reserved)} are set by their own arguments")
@@ -281,10 +255,8 @@ def write_ensemble_manifest(
         "threshold_rule": str(threshold_rule),
         **extra,
     }
-    text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-    path = folder / MANIFEST_NAME
-    atomic_write_text(path, text)
-    return path
+    _write_manifest(folder / MANIFEST_NAME, manifest)
+    return folder / MANIFEST_NAME
 
 
 def update_ensemble_manifest(folder: str | os.PathLike, **values: Any) -> Path:
@@ -292,7 +264,6 @@ def update_ensemble_manifest(folder: str | os.PathLike, **values: Any) -> Path:
     path = Path(folder) / MANIFEST_NAME
     manifest = read_ensemble_manifest(path)
     manifest.update(values)
-    text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-    atomic_write_text(path, text)
+    _write_manifest(path, manifest)
     read_ensemble_manifest(path)
     return path
