@@ -24,14 +24,11 @@ class MetricsHistory(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        row: dict[str, float] = {"epoch": float(trainer.current_epoch)}
-        for key in HISTORY_KEYS:
-            value = trainer.callback_metrics.get(key)
-            if value is not None:
-                row[key] = float(value)
-        optimizers = trainer.optimizers
-        if optimizers:
-            row["lr"] = float(optimizers[0].param_groups[0]["lr"])
+        metrics = trainer.callback_metrics
+        row = {"epoch": float(trainer.current_epoch)}
+        row.update({key: float(metrics[key]) for key in HISTORY_KEYS if metrics.get(key) is not None})
+        if trainer.optimizers:
+            row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         self.history = [r for r in self.history if r["epoch"] != row["epoch"]] + [row]
         if trainer.is_global_zero and self.curves_path is not None:
             from xray.plots import make_curves_figure, save_figure

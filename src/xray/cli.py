@@ -9,19 +9,12 @@ import numbers
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from xray.locations import locate
 
 EXIT_USER_ERROR = 2
 """Exit code for bad configuration, data or checkpoints: a message, no traceback."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, reported as one message instead of a traceback."""
-    from xray.errors import UserError
-
-    return (UserError, PermissionError)
 
 
 CONFIG_DIR = str(locate("conf"))
@@ -42,22 +35,23 @@ def hydra_entry(config_name: str, run: Callable[[Any], int]) -> None:
 
 @contextlib.contextmanager
 def fail_cleanly(log: logging.Logger) -> Iterator[None]:
-    """Turn a user error into ``error: <message>`` on stderr and exit code 2 (and into the log file)."""
-    errors = user_errors()
+    """Turn a user error (bad input, not a bug) into ``error: <message>`` on stderr and exit code 2; the
+    run's log file gets it too (not the console, where it would repeat the ``error:`` line)."""
+    from xray.errors import UserError
+
     try:
         yield
-    except errors as err:
-        _log_to_files(log, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    except (UserError, PermissionError) as err:
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        _exit(str(err))
 
 
-def _log_to_files(log: logging.Logger, err: BaseException) -> None:
-    """The error into the run's log file only: on the console it would repeat the ``error:`` line."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+def _exit(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def expand_resume(argv: list[str]) -> list[str]:
@@ -69,11 +63,9 @@ def expand_resume(argv: list[str]) -> list[str]:
     config_dir = run_dir / ".hydra"
     last = run_dir / "checkpoints" / "last.ckpt"
     if not (config_dir / "config.yaml").is_file():
-        print(f"error: {run_dir}: not a run directory (no .hydra/config.yaml)", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        _exit(f"{run_dir}: not a run directory (no .hydra/config.yaml)")
     if not last.is_file():
-        print(f"error: {last}: no last.ckpt to resume from", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        _exit(f"{last}: no last.ckpt to resume from")
     rest = [a for a in argv[1:] if not a.startswith("resume=")]
     return [
         argv[0],
@@ -94,11 +86,8 @@ class TrialFailed(RuntimeError):
 
 @contextlib.contextmanager
 def sweep_trial(cfg: Any) -> Iterator[None]:
-    """Inside ``fail_cleanly``: in a sweep that optimises a metric, a non-finite loss fails only its trial.
-
-    ``fail_cleanly`` turns it, a user error, into exit code 2, which would end the whole search at the
-    first learning rate that diverges; everywhere else (single runs, plain ``-m`` grids) that stays so.
-    """
+    """Inside ``fail_cleanly``: in a sweep that optimises a metric, a non-finite loss fails only its trial
+    (as a user error, exit code 2, it would end the whole search at the first diverging learning rate)."""
     from xray.module import NonFiniteLossError
 
     try:
@@ -132,12 +121,10 @@ def check_optimized_metric(cfg: Any) -> None:
 
 
 def metric_value(metrics: Mapping[str, Any], path: str | None) -> float | None:
-    """The number at ``path`` (dotted, e.g. ``val_shift.mean.log_loss``) in train()'s metrics.json payload:
-    what ``train.py`` returns so that a Hydra sweeper (``hparams_search=optuna``) can optimise it.
+    """The number at dotted ``path`` in train()'s metrics.json payload, for a Hydra sweeper to optimise.
 
-    None when ``path`` is None. Keys with dots of their own (``val.at_0.5.auroc``) match whole, longest
-    first; list items by index (``val.ci.auroc.0``). A missing path, a group or a string is a ConfigError
-    that names it and lists the keys where the lookup stopped.
+    Keys with dots of their own (``val.at_0.5.auroc``) match whole, longest first; list items by index
+    (``val.ci.auroc.0``). A missing path, a group or a string is a ConfigError listing the keys there.
     """
     from xray.config_checks import ConfigError
 

@@ -1,8 +1,5 @@
-"""Reject a bad configuration before any data is read, naming the offending key.
-
-The data module and the LightningModule check their own arguments (with :func:`require`) when
-:func:`instantiate` builds them, before any file is read; ``RULES`` covers only the keys nothing
-instantiates, and :func:`validate_config` the unknown keys under every ``_target_``."""
+"""Reject a bad configuration before any data is read, naming the offending key: constructors check
+their own arguments with :func:`require`; ``RULES`` covers the keys nothing instantiates."""
 
 from __future__ import annotations
 
@@ -70,6 +67,7 @@ def _check_targets(node: Any, path: str) -> None:
 
     if isinstance(node, DictConfig):
         target = node._get_node("_target_")._value() if "_target_" in node else None
+        children = [(f"{path}.{key}", node._get_node(key)) for key in node]  # no interpolation resolved
         if isinstance(target, str):
             try:
                 signature = inspect.signature(get_method(target))
@@ -84,15 +82,13 @@ def _check_targets(node: Any, path: str) -> None:
                         raise ConfigError(
                             f"{path}.{key}: unknown key for {target} (known: {', '.join(sorted(known))})"
                         )
-        for key in node:
-            child = node._get_node(key)  # not node[key]: no interpolation is resolved here
-            if isinstance(child, (DictConfig, ListConfig)):
-                _check_targets(child, f"{path}.{key}")
     elif isinstance(node, ListConfig):
-        for i in range(len(node)):
-            child = node._get_node(i)
-            if isinstance(child, (DictConfig, ListConfig)):
-                _check_targets(child, f"{path}[{i}]")
+        children = [(f"{path}[{i}]", node._get_node(i)) for i in range(len(node))]
+    else:
+        return
+    for child_path, child in children:
+        if isinstance(child, (DictConfig, ListConfig)):
+            _check_targets(child, child_path)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -107,8 +103,7 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, ListConfig):
             value = list(value)
-        if not check(value):
-            raise ConfigError(f"{key}: must be {expected}, got {value!r}")
+        require(check(value), key, expected, value)
     for group in ("data", "model", "callbacks", "logger", "trainer"):
         if group in cfg and cfg[group] is not None:
             _check_targets(cfg[group], group)

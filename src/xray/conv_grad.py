@@ -1,11 +1,7 @@
 """Conv2d whose weight gradient is computed in NCHW while everything else stays channels_last.
 
-On CPUs without AVX-512 (an AVX2-only AMD EPYC here), oneDNN's channels_last backward-weights kernel
-runs at 6 GFLOP/s per core against 19-26 for the NCHW one, while channels_last is the faster layout
-for the forward pass and the input gradient (1.2-1.6x). :func:`use_nchw_weight_grad` swaps the
-``forward`` of a network's ``nn.Conv2d`` modules (parameters, state dict and results unchanged) for
-:class:`Conv2dNCHWWeightGrad`, which converts the saved input and the output gradient to NCHW in
-batch chunks (bounded extra memory) only to compute the weight and bias gradients.
+On CPUs without AVX-512, oneDNN's channels_last backward-weights kernel runs at 6 GFLOP/s per core
+against 19-26 for NCHW, while channels_last is 1.2-1.6x faster for the forward pass and input gradient.
 """
 
 from __future__ import annotations
@@ -17,11 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xray.runtime import cpu_flags
+
 CHUNK = 8  # images per NCHW conversion in the weight gradient: ~250 MB at 500 px for the first conv
 
 
 class Conv2dNCHWWeightGrad(torch.autograd.Function):
-    """``F.conv2d`` forward; input gradient as usual; weight/bias gradients from NCHW copies, chunked."""
+    """``F.conv2d`` forward; input gradient as usual; weight/bias gradients from NCHW copies made in
+    batch chunks (bounded extra memory)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: Any) -> Any:
@@ -36,6 +35,7 @@ class Conv2dNCHWWeightGrad(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
         bias_sizes = [weight.shape[0]] if ctx.has_bias else None
         grad_x = grad_w = grad_b = None
         args = (stride, padding, dilation, False, [0, 0], groups)
@@ -49,11 +49,11 @@ class Conv2dNCHWWeightGrad(torch.autograd.Function):
                 go = grad_out[start : start + CHUNK].contiguous()
                 xi = x[start : start + CHUNK].contiguous()
                 _, gw, gb = torch.ops.aten.convolution_backward(
-                    go, xi, w, bias_sizes, *args, [False, bool(need_w), bool(need_b and ctx.has_bias)]
+                    go, xi, w, bias_sizes, *args, [False, bool(need_w), bool(need_b)]
                 )
                 if need_w:
                     grad_w = gw if grad_w is None else grad_w.add_(gw)
-                if need_b and ctx.has_bias:
+                if need_b:
                     grad_b = gb if grad_b is None else grad_b.add_(gb)
         return grad_x, grad_w, grad_b, None
 
@@ -67,12 +67,9 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_nchw_weight_grad(net: nn.Module) -> int:
-    """Route ``net``'s dense ``nn.Conv2d`` with 8+ input channels through :class:`Conv2dNCHWWeightGrad`.
-
-    Returns how many. A first convolution (one input channel) stays as it is: its weight gradient is
-    cheap in either layout and converting its wide output gradient to NCHW costs more than it saves;
-    grouped (depthwise) convolutions stay too.
-    """
+    """Route ``net``'s dense ``nn.Conv2d`` with 8+ input channels through :class:`Conv2dNCHWWeightGrad`
+    (parameters and results unchanged); returns how many. A first convolution stays: converting its wide
+    output gradient costs more than it saves."""
     count = 0
     for module in net.modules():
         if type(module) is nn.Conv2d and module.groups == 1 and module.in_channels >= 8:
@@ -85,11 +82,5 @@ def wants_nchw_weight_grad(device: torch.device, channels_last: bool, cpuinfo: s
     """On a CPU without AVX-512, with channels_last: the case where oneDNN's NHWC weight gradient is slow."""
     if device.type != "cpu" or not channels_last:
         return False
-    try:
-        with open(cpuinfo) as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return "avx512f" not in line.split(":", 1)[1].split()
-    except OSError:
-        return False
-    return False
+    flags = cpu_flags(cpuinfo)
+    return flags is not None and "avx512f" not in flags

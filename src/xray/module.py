@@ -31,22 +31,13 @@ from xray.models import flip_tta_logits
 CHECKPOINT_FORMAT = 1
 
 
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
 class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN/inf loss; the message names the epoch and step."""
 
 
 class EpochBinaryMetric(Metric):
-    """Accuracy or AUROC over a whole epoch, computed once at its end.
-
-    ``update`` only appends the batch's (probability, label) tensors: torchmetrics' own classification
-    metrics check their input with data-dependent Python branches (``if not torch.all(0 <= p <= 1)``),
-    each a host sync that stalls an accelerator's queue on every training step. Gathered across
-    processes like ``CatMetric``; the epoch's values are the same as ``BinaryAccuracy``/``BinaryAUROC``.
-    """
+    """``BinaryAccuracy``/``BinaryAUROC`` of a whole epoch whose ``update`` only appends: their input
+    checks are host syncs that would stall an accelerator's queue on every training step."""
 
     full_state_update = False
 
@@ -70,13 +61,9 @@ class EpochBinaryMetric(Metric):
 
 
 class FiniteLossGuard:
-    """Stops training on a non-finite loss without a host sync per step on a GPU.
-
-    On the CPU the loss is checked at once (no queue to drain). On CUDA its ``isfinite`` flag is copied
-    ``non_blocking`` into pinned memory behind an event; each later step reads the flags whose event
-    has completed (``Event.query()``, which never waits), and :meth:`flush` waits for the rest (epoch
-    end, validation, before every checkpoint). Once a non-finite loss was seen every checkpoint save
-    raises, so no weights updated from it are ever written (the last good checkpoint is kept).
+    """Stops training on a non-finite loss without a host sync per step on a GPU: there each ``isfinite``
+    flag is copied ``non_blocking`` behind an event, read once the event completed, and :meth:`flush`
+    waits for the rest. After a non-finite loss every checkpoint save raises (the last good one is kept).
     """
 
     def __init__(self) -> None:
@@ -164,7 +151,6 @@ class XRayClassifier(LightningModule):
         self.temperature = 1.0  # fitted on validation logits after training (xray.calibration)
         self.preprocessing: dict[str, Any] = {}
         self.register_buffer("pos_weight", torch.ones(()), persistent=False)
-        # per-step updates never sync with the device; computed once at the end of the epoch
         self.train_metrics = MetricCollection(
             {"acc": EpochBinaryMetric("acc"), "auroc": EpochBinaryMetric("auroc")}, prefix="train/"
         )
@@ -271,10 +257,10 @@ class XRayClassifier(LightningModule):
         self.finite_guard.flush()
 
     def on_validation_epoch_start(self) -> None:
-        self._reset_collected()
+        for metric in (self.eval_probs, self.eval_logits, self.eval_labels, self.eval_index):
+            metric.reset()
 
-    def on_test_epoch_start(self) -> None:
-        self._reset_collected()
+    on_test_epoch_start = on_validation_epoch_start
 
     def on_validation_epoch_end(self) -> None:
         self._log_clinical("val")
@@ -293,10 +279,6 @@ class XRayClassifier(LightningModule):
         keys = [k for k in BOOTSTRAP_METRICS if k not in ("accuracy", "auroc")] + ["ece"]  # acc, AUROC: above
         values = {f"{prefix}/{k}": float(metrics[k]) for k in keys if metrics[k] == metrics[k]}  # skip nan
         self.log_dict(values, on_epoch=True, rank_zero_only=True)
-
-    def _reset_collected(self) -> None:
-        for metric in (self.eval_probs, self.eval_logits, self.eval_labels, self.eval_index):
-            metric.reset()
 
     def collected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probs, labels, dataset indices) of the last validation or test epoch, all processes."""
@@ -339,6 +321,8 @@ class XRayClassifier(LightningModule):
     # ----- checkpoint contents ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.finite_guard.flush()  # never write weights updated from a non-finite loss
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        monitor = metrics.get(self.hparams.scheduler_monitor)
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
             "net": dict(self.net.config),
@@ -349,9 +333,7 @@ class XRayClassifier(LightningModule):
             "temperature": float(self.temperature),
             "tta": bool(self.hparams.tta),
             # Lightning saves before the epoch's scheduler step and skips that step on resume
-            "monitor_value": _float_or_none(self.trainer.callback_metrics.get(self.hparams.scheduler_monitor))
-            if self._trainer is not None
-            else None,
+            "monitor_value": None if monitor is None else float(monitor),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

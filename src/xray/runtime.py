@@ -7,15 +7,9 @@ import sys
 
 
 def keep_freed_memory() -> bool:
-    """glibc: serve large blocks from the heap instead of a fresh ``mmap`` each, and never trim it.
-
-    By default glibc ``mmap``s every block above a threshold and unmaps it on free, so every large
-    tensor (activations at 500 px, the augmentation's float batch and sampling grid) is backed by new
-    pages that the kernel must fault in and zero on first touch. ``mallopt(M_MMAP_MAX, 0)`` and
-    ``mallopt(M_TRIM_THRESHOLD, -1)`` keep freed blocks in the process for reuse: 1.2-2x faster
-    training steps and augmentation here (benchmarks/, ``+mallopt`` rows), at the cost of holding the
-    peak working set. Returns whether both calls succeeded (False off glibc; then nothing changes).
-    """
+    """glibc: serve large blocks from the heap instead of a fresh ``mmap`` each, and never trim it, so
+    large tensors reuse pages instead of the kernel faulting in and zeroing new ones: 1.2-2x faster steps
+    (benchmarks/, ``+mallopt`` rows) for holding the peak working set. False (no change) off glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -26,21 +20,20 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16), read from the kernel's flags.
-
-    Without them PyTorch emulates bf16 and bf16-mixed training is several times slower than fp32
-    (7.8x at 224 px on an AVX2-only AMD EPYC, measured); off Linux the answer is False.
-    """
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags as the kernel reports them; None when unknown (off Linux)."""
     try:
         with open(cpuinfo) as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+            line = next((row for row in handle if row.startswith("flags")), None)
     except OSError:
-        return False
-    return False
+        return None
+    return None if line is None else set(line.split(":", 1)[1].split())
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AVX-512 BF16 or AMX-BF16: without them bf16 is emulated, and bf16-mixed training several times
+    slower than fp32 (7.8x at 224 px on an AVX2-only AMD EPYC)."""
+    return bool((cpu_flags(cpuinfo) or set()) & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(requested: str | int | None, accelerator: str = "auto") -> str:

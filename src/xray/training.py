@@ -43,12 +43,8 @@ def check_writable(directory: str | os.PathLike) -> None:
 
 
 def adopt_checkpoint(ckpt_path: str | None, output_dir: Path) -> Path:
-    """``evaluate_only=true``: copy the weights to evaluate into this run's checkpoints folder.
-
-    The evaluation writes its threshold, temperature and OOD statistics into the copy, never into the
-    source, so a checkpoint trained elsewhere (or a run whose evaluation was cut short) is evaluated
-    here exactly as at the end of training.
-    """
+    """``evaluate_only=true``: copy the weights into this run's checkpoints folder, so that the
+    evaluation writes its threshold, temperature and OOD statistics into the copy, never the source."""
     if not ckpt_path:
         raise ConfigError("evaluate_only=true needs ckpt_path=CHECKPOINT (the weights to evaluate)")
     source = Path(ckpt_path).expanduser()
@@ -164,17 +160,13 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
         results["val_shift"] = shift_metrics(shifted, shift_labels, model.threshold, model.temperature)
         log_shift_metrics(results["val_shift"], trainer.loggers, step=trainer.global_step)
     if trainer.is_global_zero:
-        write_predictions(
-            Path(cfg.paths.output_dir) / PREDICTIONS_FILE, datamodule, index, labels, logits, probs
-        )
+        output_dir = Path(cfg.paths.output_dir)
+        write_predictions(output_dir / PREDICTIONS_FILE, datamodule, index, labels, logits, probs)
         if shifted is not None:
-            write_shift_predictions(
-                Path(cfg.paths.output_dir) / SHIFT_PREDICTIONS_FILE, shifted, shift_labels
-            )
+            write_shift_predictions(output_dir / SHIFT_PREDICTIONS_FILE, shifted, shift_labels)
     if cfg.get("test") and "test" in datamodule.datasets:
         trainer.test(model, datamodule=datamodule, verbose=False)
-        probs, labels, index = model.collected()
-        extras["test"] = (probs, labels, index)
+        probs, labels, _ = extras["test"] = model.collected()
         results["test"] = evaluate(
             probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed
         )
@@ -193,13 +185,9 @@ def split_meta(datamodule: Any) -> dict[str, Any]:
 
 
 def fit_ood(cfg: DictConfig, model: Any, datamodule: Any, best_path: Path) -> dict[str, Any]:
-    """OOD statistics of the best weights (``xray.ood``), stored in the best checkpoint.
-
-    The Gaussian of the penultimate features is fitted on training films through the eval preset (no
-    augmentation; a seeded, class-stratified subsample of ``evaluation.ood_n_fit``, default 1000, to
-    keep it to a minute on a CPU), the threshold on every validation film at ``evaluation.ood_acceptance``
-    (default 0.95). ``+evaluation.ood=false`` skips it.
-    """
+    """OOD statistics of the best weights (``xray.ood``), stored in the best checkpoint: the Gaussian fitted
+    on a seeded, class-stratified subsample of ``evaluation.ood_n_fit`` training films (a minute on a
+    CPU), the threshold on every validation film."""
     from xray.ood import DEFAULT_ACCEPTANCE, DEFAULT_COMPONENTS, fit_network, stratified_subsample
 
     ev = cfg.evaluation
@@ -223,22 +211,14 @@ def fit_ood(cfg: DictConfig, model: Any, datamodule: Any, best_path: Path) -> di
         stats.threshold,
         100 * stats.acceptance,
     )
-    return {
-        "threshold": stats.threshold,
-        "acceptance": stats.acceptance,
-        "n_fit": stats.n_fit,
-        "n_val": stats.n_val,
-    }
+    return {key: getattr(stats, key) for key in ("threshold", "acceptance", "n_fit", "n_val")}
 
 
 def shift_validation_logits(
     model: Any, datamodule: Any, index: torch.Tensor, labels: torch.Tensor, ev: DictConfig
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Logits of the validation images clean and under each acquisition shift, and their labels.
-
-    At most ``evaluation.shift_max_images`` images, evenly spaced in dataset order (deterministic,
-    both classes kept in proportion since the dataset is sorted by class).
-    """
+    """Logits of the validation images clean and under each acquisition shift, and their labels: at most
+    ``evaluation.shift_max_images``, evenly spaced in dataset order (sorted by class, so both kept)."""
     from xray.shifts import shift_logits
 
     dataset = datamodule.datasets["val"]

@@ -12,11 +12,7 @@ from xray.models.seed_cnn import SeedCNN
 
 MAX_INT, MAX_LIST = 4096, 16
 
-NETS: dict[str, type[nn.Module]] = {
-    "SeedCNN": SeedCNN,
-    "TorchvisionNet": TorchvisionNet,
-    "EfficientNetLite": EfficientNetLite,
-}
+NETS: dict[str, type[nn.Module]] = {net.__name__: net for net in (SeedCNN, TorchvisionNet, EfficientNetLite)}
 
 
 def flip_tta_logits(net: nn.Module, x: Tensor) -> Tensor:

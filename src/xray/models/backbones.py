@@ -27,12 +27,9 @@ GRAY_MEAN, GRAY_STD = 0.449, 0.226
 
 
 def equalize_histogram(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
-    """Per-image, per-channel histogram equalisation of [0, 1] input (mid-rank of each of ``bins`` levels).
-
-    Done inside the network, after any change of exposure or windowing an image went through, so that
-    a monotonic intensity change (gamma, contrast, brightness without clipping) leaves the input the
-    network sees almost unchanged. A constant image maps to 0.5. Exports to ONNX (ScatterElements).
-    """
+    """Per-image, per-channel histogram equalisation of [0, 1] input (mid-rank of each of ``bins`` levels),
+    inside the network so that a monotonic intensity change (gamma, contrast, brightness without
+    clipping) barely changes what it sees. A constant image maps to 0.5; exports to ONNX."""
     b, c, h, w = x.shape
     levels = (x.detach().float().clamp(0, 1) * (bins - 1)).round().long().reshape(b * c, h * w)
     hist = torch.zeros(b * c, bins, device=x.device).scatter_add_(
@@ -43,12 +40,7 @@ def equalize_histogram(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
 
 
 def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
-    for _name, child in root.named_modules():
-        for child_name, grandchild in child.named_children():
-            if grandchild is target:
-                setattr(child, child_name, new)
-                return
-    raise RuntimeError("module to replace not found")
+    root.set_submodule(next(name for name, m in root.named_modules() if m is target), new)
 
 
 class TorchvisionNet(nn.Module):

