@@ -28,19 +28,6 @@ from xray.checkpoints import CheckpointError
 from xray.metrics import THRESHOLD_RULES, choose_threshold, classification_metrics, evaluate
 from xray.report import fmt_num, write_cv_report
 
-__all__ = [
-    "FOLD_METRICS",
-    "PREDICTIONS_FILE",
-    "SHIFT_METRICS",
-    "CVError",
-    "FoldRun",
-    "Predictions",
-    "aggregate",
-    "check_runs",
-    "find_fold_runs",
-    "main",
-]
-
 PREDICTIONS_FILE = "val_predictions.csv"
 SHIFT_PREDICTIONS_FILE = "val_shift_predictions.csv"
 METRICS_FILE = "metrics.json"

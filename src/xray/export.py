@@ -29,8 +29,6 @@ EXPORT_FORMAT = 1
 FORMATS = ("onnx", "torchscript")
 OUTPUT_NAMES = ("prob_pneumonia", "logit", "ood_score")
 
-__all__ = ["ExportedPredictor", "export_model", "export_metadata", "main"]
-
 
 class ExportedPredictor(nn.Module):
     """A :class:`~xray.predictor.Predictor` as one module: image in, probability (+ logit, OOD score) out."""

@@ -12,8 +12,6 @@ from xray.config_checks import ConfigError
 from xray.constants import CLASSES
 from xray.transforms import rescale
 
-__all__ = ["GradCam", "last_conv2d"]
-
 
 def last_conv2d(net: nn.Module) -> nn.Conv2d:
     """The last Conv2d of ``net`` in module order: the usual Grad-CAM layer."""

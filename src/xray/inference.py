@@ -38,28 +38,6 @@ from xray.transforms import rescale, resize_image
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "CSV_COLUMNS",
-    "EXIT_OK",
-    "WARNING_KINDS",
-    "WarningLimits",
-    "input_warnings",
-    "warning_summary",
-    "EXIT_SOME_FAILED",
-    "InputError",
-    "PredictDataset",
-    "PredictionRow",
-    "class_from_path",
-    "collate_separating_failures",
-    "collect_inputs",
-    "label_metrics",
-    "member_logits",
-    "predict_files",
-    "resolve_device",
-    "run_predict",
-    "write_csv",
-]
-
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3  # some files could not be read (their rows carry the reason)
 

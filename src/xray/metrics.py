@@ -25,19 +25,6 @@ from torchmetrics.functional.classification import (
     multilabel_average_precision,
 )
 
-__all__ = [
-    "BOOTSTRAP_METRICS",
-    "ECE_BINS",
-    "THRESHOLD_RULES",
-    "bootstrap_ci",
-    "choose_threshold",
-    "classification_metrics",
-    "count_metrics",
-    "evaluate",
-    "expected_calibration_error",
-    "prepare_probs_labels",
-]
-
 THRESHOLD_RULES: tuple[str, ...] = ("youden", "sensitivity", "fixed")
 
 BOOTSTRAP_METRICS: tuple[str, ...] = (

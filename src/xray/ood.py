@@ -32,19 +32,6 @@ DEFAULT_ACCEPTANCE = 0.95
 DEFAULT_COMPONENTS = 128
 
 
-__all__ = [
-    "DEFAULT_ACCEPTANCE",
-    "DEFAULT_COMPONENTS",
-    "manifest_section",
-    "OOD_KEY",
-    "FeatureGaussian",
-    "OodError",
-    "classifier_layer",
-    "extract_features",
-    "logits_and_features",
-]
-
-
 class OodError(ValueError):
     """Stored OOD statistics that are malformed, or a fit that cannot be done."""
 

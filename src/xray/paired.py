@@ -25,8 +25,6 @@ from xray.constants import CLASSES, IMAGE_EXTENSIONS
 from xray.inference import predict_files
 from xray.predictor import Predictor, load_predictor
 
-__all__ = ["PairedShift", "find_pairs", "paired_shift"]
-
 
 @dataclass(frozen=True)
 class PairedShift:

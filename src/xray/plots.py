@@ -29,17 +29,6 @@ from xray.metrics import (
     prepare_probs_labels,
 )
 
-__all__ = [
-    "DPI",
-    "make_calibration_figure",
-    "make_confusion_matrix_figure",
-    "make_curves_figure",
-    "make_mistakes_figure",
-    "make_pr_figure",
-    "make_roc_figure",
-    "save_figure",
-]
-
 DPI = 120
 _SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
 _FALLBACK_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")

@@ -19,17 +19,6 @@ from xray.atomic import atomic_write_text
 from xray.constants import CLASSES
 from xray.metrics import ECE_BINS, classification_metrics
 
-__all__ = [
-    "ANCHORS",
-    "PLOT_FILES",
-    "render_cv_report",
-    "render_report",
-    "write_cv_report",
-    "write_metrics_json",
-    "write_plots",
-    "write_report",
-]
-
 # Published figures on the official 624-image test split (234 NORMAL / 390 PNEUMONIA), so a run's
 # test numbers can be read against them. None = not reported by the source.
 ANCHORS: list[dict[str, Any]] = [

@@ -30,21 +30,6 @@ from torchvision.transforms.v2 import functional as TF
 from xray.config_checks import is_num, require
 from xray.data.io import read_image
 
-__all__ = [
-    "KerasAugmentParams",
-    "KerasRandomAffine",
-    "Rescale",
-    "appearance_augment_batch",
-    "apply_affine",
-    "keras_affine_matrices",
-    "keras_augment_batch",
-    "rescale",
-    "load_resized",
-    "resize_image",
-    "sample_keras_params",
-    "train_transform",
-]
-
 ShiftRange = float | int | Sequence[float]
 _Gen = torch.Generator | None
 

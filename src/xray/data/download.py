@@ -28,22 +28,6 @@ from typing import Any, BinaryIO
 from xray.constants import CLASSES
 from xray.errors import UserError
 
-__all__ = [
-    "DEFAULT_CACHE_DIRNAME",
-    "SOURCES",
-    "DatasetNotFoundError",
-    "DownloadError",
-    "Source",
-    "convert_pneumoniamnist",
-    "dataset_present",
-    "download_dataset",
-    "download_file",
-    "ensure_dataset",
-    "extract_kermany",
-    "main",
-    "manual_instructions",
-]
-
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
 MENDELEY_DOI = "10.17632/rscbjbr9sj.2"

@@ -24,15 +24,6 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = [
-    "SourceEncoding",
-    "detect_source_encoding",
-    "file_encoding",
-    "jpeg_quality",
-    "match_encoding",
-    "match_file_encoding",
-]
-
 _IJG_LUMINANCE = (
     16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
     14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,

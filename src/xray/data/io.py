@@ -55,17 +55,6 @@ except ImportError:  # pragma: no cover - pydicom 2.x
 for _plugin in ("Bmp", "Gif", "Jpeg", "Png", "Tiff", "WebP"):  # so that Image.open(formats=...) knows them
     importlib.import_module(f"PIL.{_plugin}ImagePlugin")
 
-__all__ = [
-    "DICOM_EXTENSIONS",
-    "RASTER_EXTENSIONS",
-    "SUPPORTED_EXTENSIONS",
-    "ImageInfo",
-    "ImageReadError",
-    "probe_image",
-    "read_image",
-    "read_image_info",
-]
-
 SUPPORTED_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS  # files with a DICOM preamble are read too
 
 # The only Pillow decoders ever tried: never EPS (Ghostscript) or other exotic plugins.

@@ -31,6 +31,3 @@ def build_net(config: dict[str, Any]) -> nn.Module:
         if len(values) > MAX_LIST or any(isinstance(v, int) and not 0 <= v <= MAX_INT for v in values):
             raise ValueError(f"network setting {key}={value!r} is out of range")
     return NETS[name](**config)
-
-
-__all__ = ["NETS", "EfficientNetLite", "SeedCNN", "TorchvisionNet", "build_net", "flip_tta_logits"]
