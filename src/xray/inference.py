@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from xray.atomic import atomic_write_csv
 from xray.calibration import apply_temperature
 from xray.checkpoints import LoadedModel
-from xray.config_checks import ConfigError
+from xray.config_checks import ConfigError, is_int, is_num
 from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
 from xray.data.encoding import SourceEncoding, match_file_encoding
 from xray.data.io import ImageInfo, ImageReadError, read_image_info
@@ -402,18 +402,16 @@ def _fmt_metric(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def _is_number(value: Any, kinds: type | tuple[type, ...] = (int, float)) -> bool:
-    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def _check_settings(cfg: Any) -> None:
     """Reject impossible values before a checkpoint or an image is read."""
     for name, low in (("batch_size", 1), ("num_workers", 0), ("show", 0)):
         value = getattr(cfg, name)
-        if not _is_number(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     threshold = cfg.get("threshold")
-    if threshold is not None and (not _is_number(threshold) or not 0.0 <= threshold <= 1.0):
+    if threshold is not None and (not is_num(threshold) or not 0.0 <= threshold <= 1.0):
         raise ConfigError(f"threshold must be a number in [0, 1] or null (checkpoint's), got {threshold!r}")
     if cfg.get("tta") is not None and not isinstance(cfg.tta, bool):
         raise ConfigError(f"tta must be true, false or null (checkpoint's), got {cfg.tta!r}")
@@ -427,9 +425,9 @@ def _warning_limits(cfg: Any) -> WarningLimits:
     warn = cfg.get("warn") or {}
     min_side = warn.get("min_side", WarningLimits.min_side)
     max_aspect = warn.get("max_aspect", WarningLimits.max_aspect)
-    if not _is_number(min_side, int) or min_side < 1:
+    if not is_int(min_side) or min_side < 1:
         raise ConfigError(f"warn.min_side must be an integer >= 1 (pixels), got {min_side!r}")
-    if not _is_number(max_aspect) or not max_aspect >= 1:
+    if not is_num(max_aspect) or not max_aspect >= 1:
         raise ConfigError(
             f"warn.max_aspect must be a number >= 1 (long side / short side), got {max_aspect!r}"
         )

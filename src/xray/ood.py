@@ -14,7 +14,6 @@ above its ``ood_threshold``. ``python -m xray.ood ckpt=... data.root=...`` fits 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from xray.config_checks import is_num
 from xray.models import flip_tta_logits
 from xray.transforms import rescale
 
@@ -38,9 +38,7 @@ class OodError(ValueError):
 
 def is_positive_finite(value: Any) -> bool:
     """A finite real number > 0 (``True`` is no number here)."""
-    return (
-        not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
-    )
+    return is_num(value) and math.isfinite(value) and value > 0
 
 
 def manifest_section(

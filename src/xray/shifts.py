@@ -273,20 +273,20 @@ def render_shift_table(
     """GitHub markdown table: clean, the shifts, then **mean** and **worst**, 3 decimals, with a caption."""
     details = [f"threshold {threshold:.3f}"] if threshold is not None else []
     details += [f"seed {seed}"] if seed is not None else []
+    from xray.report import md_table
+
     suffix = f" ({', '.join(details)})" if details else ""
+    keys = sorted((k for k in metrics if k not in _SUMMARY_ROWS), key=lambda k: k != "clean")  # stable
+    keys += [k for k in _SUMMARY_ROWS if k in metrics]
+    rows = []
+    for key in keys:
+        cells = [key] + [f"{metrics[key][m]:.3f}" for m, _ in _TABLE_COLUMNS]
+        rows.append([f"**{c}**" for c in cells] if key in _SUMMARY_ROWS else cells)
     lines = [
         f"Validation images under seeded acquisition shifts{suffix}; mean/worst are over the shifts.",
         "",
-        "| shift | " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |",
-        "|---|" + "---:|" * len(_TABLE_COLUMNS),
+        *md_table(["shift", *(title for _, title in _TABLE_COLUMNS)], rows),
     ]
-    keys = sorted((k for k in metrics if k not in _SUMMARY_ROWS), key=lambda k: k != "clean")  # stable
-    keys += [k for k in _SUMMARY_ROWS if k in metrics]
-    for key in keys:
-        cells = [key] + [f"{metrics[key][m]:.3f}" for m, _ in _TABLE_COLUMNS]
-        if key in _SUMMARY_ROWS:
-            cells = [f"**{c}**" for c in cells]
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -258,10 +258,11 @@ def write_predictions(
 
 def write_shift_predictions(path: Path, shifted: dict[str, torch.Tensor], labels: torch.Tensor) -> Path:
     """``val_shift_predictions.csv``: shift, label, raw logit per (shift, image); ``xray.cv`` pools them."""
+    label_list = labels.tolist()
     body = (
         [name, int(y), f"{z:.6g}"]
         for name, values in shifted.items()
-        for y, z in zip(labels.tolist(), values.tolist(), strict=True)
+        for y, z in zip(label_list, values.tolist(), strict=True)
     )
     return atomic_write_csv(path, [["shift", "label", "logit"], *body])
 

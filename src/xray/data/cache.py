@@ -121,9 +121,9 @@ def build_cache(
     jobs = [(p, image_size, interpolation) for p in paths]
     bar = tqdm(total=len(paths), desc=f"Caching {len(paths)} images at {image_size}px", disable=not progress)
     try:
-        pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 0 else contextlib.nullcontext()
-        with pool:
-            results = pool.map(_decode_one, jobs, chunksize=32) if num_workers > 0 else map(_decode_one, jobs)
+        pool = ProcessPoolExecutor(max_workers=num_workers) if num_workers > 0 else None
+        with pool or contextlib.nullcontext():
+            results = pool.map(_decode_one, jobs, chunksize=32) if pool else map(_decode_one, jobs)
             for i, (image, error) in enumerate(results):
                 if error is not None:
                     errors[paths[i]] = error
