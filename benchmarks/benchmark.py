@@ -181,15 +181,15 @@ def make_step(
     import torch
     import torch.nn.functional as F
 
-    from xray.conv_grad import use_nchw_weight_grad, wants_nchw_weight_grad
+    from xray.conv_grad import use_cpu_conv_paths, wants_cpu_conv_paths
     from xray.models import SeedCNN
 
     torch.manual_seed(0)
     net = SeedCNN(image_size=size).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
-    if default and wants_nchw_weight_grad(device, channels_last):
-        use_nchw_weight_grad(net)
+    if default and wants_cpu_conv_paths(device, channels_last):
+        use_cpu_conv_paths(net)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
     x = torch.rand(batch, 1, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (batch,), device=device).float()
@@ -212,13 +212,13 @@ def make_step(
 
 
 def layout(device: Any, channels_last: bool, default: bool) -> str:
-    from xray.conv_grad import wants_nchw_weight_grad
+    from xray.conv_grad import wants_cpu_conv_paths
 
     if not channels_last:
         return "NCHW"
     return (
-        "channels_last, NCHW weight grads"
-        if default and wants_nchw_weight_grad(device, True)
+        "channels_last, NCHW weight grads, fused first conv+pool"
+        if default and wants_cpu_conv_paths(device, True)
         else "channels_last"
     )
 

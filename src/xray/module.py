@@ -24,7 +24,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from xray.config_checks import is_num, require
 from xray.constants import CHECKPOINT_KEY, CLASSES
-from xray.conv_grad import use_nchw_weight_grad, wants_nchw_weight_grad
+from xray.conv_grad import use_cpu_conv_paths, wants_cpu_conv_paths
 from xray.errors import UserError
 from xray.models import flip_tta_logits
 
@@ -170,9 +170,9 @@ class XRayClassifier(LightningModule):
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-            if wants_nchw_weight_grad(device, True) and not getattr(self, "_nchw_weight_grad", False):
-                use_nchw_weight_grad(self.net)  # AVX2 CPUs: oneDNN's NHWC weight gradient is 3-4x slower
-                self._nchw_weight_grad = True
+            if wants_cpu_conv_paths(device, True) and not getattr(self, "_cpu_conv_paths", False):
+                use_cpu_conv_paths(self.net)  # AVX2 CPUs: some oneDNN channels_last kernels are 3x+ slower
+                self._cpu_conv_paths = True
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile()
             self._compiled = True
