@@ -107,6 +107,7 @@ def test_fused_first_block_only_where_it_applies(monkeypatch: pytest.MonkeyPatch
     assert len(calls) == 1  # training, input without gradient: fused
     with torch.no_grad():
         block(x)
+    block(x[0]).sum().backward()  # an unbatched (C, H, W) input: stock modules
     block(x.clone().requires_grad_()).sum().backward()  # an input gradient is wanted: stock modules
     handle = block[0].register_forward_hook(lambda *_: None)  # Grad-CAM style hooks must fire
     block(x).sum().backward()

@@ -140,7 +140,10 @@ def _fusable(conv: nn.Module, pool: nn.Module) -> bool:
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in modules)
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in modules
+    )
 
 
 def _sequential_forward(self: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -148,6 +151,7 @@ def _sequential_forward(self: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     conv, pool = modules[self._fused_at], modules[self._fused_at + 1]
     fused = (
         torch.is_grad_enabled()
+        and x.dim() == 4
         and not x.requires_grad
         and conv.weight.requires_grad
         and x.device.type == "cpu"
