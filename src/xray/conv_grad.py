@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xray.models.seed_cnn import unpool_backward_allowed
 from xray.runtime import cpu_flags
 
-CHUNK = 8  # images per NCHW conversion in the weight gradient: ~250 MB at 500 px for the first conv
+CHUNK = 8  # images per NCHW conversion in the weight gradient: ~190 MB at 500 px for the seed CNN's 2nd conv
 
 
 class Conv2dNCHWWeightGrad(torch.autograd.Function):
@@ -150,15 +151,13 @@ def _sequential_forward(self: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     modules = list(self)
     conv, pool = modules[self._fused_at], modules[self._fused_at + 1]
     fused = (
-        torch.is_grad_enabled()
+        unpool_backward_allowed()
         and x.dim() == 4
         and not x.requires_grad
         and conv.weight.requires_grad
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.are_deterministic_algorithms_enabled()  # max_unpool2d is not marked deterministic
         and not _hooked(conv, pool)
     )
     if not fused:

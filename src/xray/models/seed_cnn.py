@@ -27,6 +27,16 @@ class _MaxPoolKeepingIndices(torch.autograd.Function):
         return F.max_unpool2d(grad, indices, 2, output_size=ctx.input_size)
 
 
+def unpool_backward_allowed() -> bool:
+    """Whether a max-pool may route its gradient with ``max_unpool2d`` now: training, not tracing (ONNX,
+    TorchScript), and not under deterministic algorithms (``max_unpool2d`` is not marked deterministic)."""
+    return (
+        torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.are_deterministic_algorithms_enabled()
+    )
+
+
 class MaxPool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2)`` with the same output and gradients, holding less memory while training."""
 
@@ -34,12 +44,7 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.requires_grad
-            and torch.is_grad_enabled()
-            and not torch.jit.is_tracing()
-            and not torch.are_deterministic_algorithms_enabled()  # max_unpool2d is not marked deterministic
-        ):
+        if x.requires_grad and unpool_backward_allowed():
             return _MaxPoolKeepingIndices.apply(x)
         return super().forward(x)  # inference, tracing, ONNX export, deterministic runs: the stock operator
 
