@@ -549,24 +549,42 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r["vs_keras"] = ips / by[(keras, size)] if by.get((keras, size)) else NOT_MEASURED
 
 
-def machine_line(a: argparse.Namespace, load: tuple[float, float], seconds: float) -> str:
+def gemm_gflops(a: argparse.Namespace) -> float:
+    """fp32 2048x2048 matmul throughput in this run: the ceiling the GFLOP/s column is read against."""
+    import torch
+    from torch.utils import benchmark as tbench
+
+    n = 2048
+    x, y = (torch.randn(n, n, device=a.device) for _ in range(2))
+    measured = tbench.Timer("x @ y", globals={"x": x, "y": y}).blocked_autorange(
+        min_run_time=min(2.0, a.budget)
+    )
+    return 2 * n**3 / min(measured.times) / 1e9
+
+
+def machine_line(a: argparse.Namespace, load: tuple[float, float], seconds: float, gemm: float) -> str:
     import torch
 
-    model, flags = platform.processor() or "unknown CPU", set()
+    from xray.runtime import cpu_flags
+
+    model, flags = platform.processor() or "unknown CPU", cpu_flags() or set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+        model = next(
+            (
+                row.split(":", 1)[1].strip()
+                for row in cpuinfo.read_text().splitlines()
+                if row.startswith("model name")
+            ),
+            model,
+        )
     isa = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "-"
     gpu = f"; GPU {torch.cuda.get_device_name()}" if a.device.startswith("cuda") else ""
     tf = "TensorFlow installed" if has_tensorflow() else "no TensorFlow (Keras not measured)"
     return (
         f"Machine: {model}, {os.cpu_count()} CPUs ({isa}){gpu}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, Python {platform.python_version()}; {tf}; batch {a.batch_size}; "
-        f"load avg {load[0]:.2f} -> {load[1]:.2f}; total {seconds:.0f} s"
+        f"fp32 GEMM (2048^2) {gemm:.0f} GFLOP/s; load avg {load[0]:.2f} -> {load[1]:.2f}; total {seconds:.0f} s"
     )
 
 
@@ -647,7 +665,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     add_ratios(rows)
     print(markdown(rows))
     print()
-    print(machine_line(a, (load0, os.getloadavg()[0]), time.perf_counter() - started))
+    gemm = gemm_gflops(a)
+    print(machine_line(a, (load0, os.getloadavg()[0]), time.perf_counter() - started, gemm))
     if a.profile:
         print(f"\ntorch.profiler, default training step at {a.profile_size} px, {a.profile_steps} steps:\n")
         print(profile_step(a, a.profile_size))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,9 @@ def test_benchmark_every_section_cpu(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert {r["name"] for r in json.loads(out.read_text())} == set(by_name)
     printed = capsys.readouterr().out
     assert "| loop/real | 48 |" in printed and "Machine:" in printed and "convolution" in printed
+    assert re.search(
+        r"fp32 GEMM \(2048\^2\) [1-9][0-9]* GFLOP/s", printed
+    )  # the ceiling, measured in this run
 
 
 def test_benchmark_rows_run_in_their_own_processes(tmp_path: Path) -> None:
