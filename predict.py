@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from xray.cli import fail_cleanly
-from xray.inference import run_predict
+from xray.inference.predict import run_predict
 
 log = logging.getLogger("xray")
 

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from xray.cli import check_optimized_metric, expand_resume, fail_cleanly, metric_value, sweep_trial
-from xray.training import train
+from xray.training.run import train
 
 log = logging.getLogger("xray")
 

@@ -12,7 +12,7 @@ Sections (rows; ``benchmarks/README.md`` says what each measures):
            keep_freed_memory), train/bf16 where the hardware has bf16, train/keras (tf_keras seed CNN)
   loop     loop/ceiling (bare default step on device-resident input) and loop/real (lightning.Trainer over
            the real data, timed whole with one sync at each end; input share = time between steps)
-  predict  predict/<px> through xray.inference.predict_files (decode included; cold start)
+  predict  predict/<px> through xray.inference.predict.predict_files (decode included; cold start)
 Keras rows need TensorFlow (``pip install -e .[keras]``) and run only on the CPU; without it they read
 "not measured". Every row runs in its own process (peak RSS is its own) within --budget seconds of timing.
 """
@@ -93,7 +93,7 @@ def job_data(a: argparse.Namespace, size: int, kind: str) -> dict[str, Any]:
     from xray.data.dataset import XRayDataset
     from xray.data.prefetch import move_to_device
     from xray.data.records import scan_split
-    from xray.transforms import train_transform
+    from xray.data.transforms import train_transform
 
     n_images = a.data_images
     if kind == "naive":  # what a straight port does: every sample decoded, resized, augmented in workers
@@ -168,7 +168,7 @@ def job_data_keras(a: argparse.Namespace, size: int) -> dict[str, Any]:
 # ----- training step -----------------------------------------------------------------------------
 def default_settings(device: Any) -> tuple[str, bool]:
     """(precision, channels_last) as the default config resolves them on this machine."""
-    from xray.runtime import resolve_precision
+    from xray.core.runtime import resolve_precision
 
     return resolve_precision("auto", device.type), True
 
@@ -181,8 +181,8 @@ def make_step(
     import torch
     import torch.nn.functional as F
 
-    from xray.conv_grad import use_cpu_conv_paths, wants_cpu_conv_paths
     from xray.models import SeedCNN
+    from xray.models.conv_grad import use_cpu_conv_paths, wants_cpu_conv_paths
 
     torch.manual_seed(0)
     net = SeedCNN(image_size=size).to(device)
@@ -212,7 +212,7 @@ def make_step(
 
 
 def layout(device: Any, channels_last: bool, default: bool) -> str:
-    from xray.conv_grad import wants_cpu_conv_paths
+    from xray.models.conv_grad import wants_cpu_conv_paths
 
     if not channels_last:
         return "NCHW"
@@ -348,7 +348,7 @@ def job_loop(a: argparse.Namespace, size: int) -> list[dict[str, Any]]:
 
     from xray.data.datamodule import XRayDataModule
     from xray.models import SeedCNN
-    from xray.module import XRayClassifier
+    from xray.training.module import XRayClassifier
 
     device = torch.device(a.device)
     precision, channels_last = default_settings(device)
@@ -420,11 +420,11 @@ def profile_step(a: argparse.Namespace, size: int) -> str:
 def job_predict(a: argparse.Namespace, size: int) -> dict[str, Any]:
     import torch
 
-    from xray.checkpoints import load_model
-    from xray.constants import CLASSES
-    from xray.inference import collect_inputs, predict_files
+    from xray.core.constants import CLASSES
+    from xray.inference.checkpoints import load_model
+    from xray.inference.predict import collect_inputs, predict_files
     from xray.models import SeedCNN
-    from xray.module import CHECKPOINT_FORMAT
+    from xray.training.module import CHECKPOINT_FORMAT
 
     net = SeedCNN(image_size=size)  # random weights: the cost does not depend on them
     pre = {"image_size": size, "interpolation": "bilinear", "grayscale": True, "rescale": 1 / 255,
@@ -451,7 +451,7 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The rows to measure, in order; rows that cannot be measured here carry a ``skip`` note."""
     import torch
 
-    from xray.runtime import cpu_has_native_bf16
+    from xray.core.runtime import cpu_has_native_bf16
 
     cuda = a.device.startswith("cuda")
     native_bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
@@ -500,7 +500,7 @@ def run_job(a: argparse.Namespace, job: dict[str, Any]) -> list[dict[str, Any]]:
         and not a.in_process
         and (product or job.get("variant") not in (None, "fp32_nchw", "default_stock_malloc"))
     ):
-        from xray.runtime import keep_freed_memory
+        from xray.core.runtime import keep_freed_memory
 
         keep_freed_memory()  # the product's default (keep_freed_memory=true); baselines and Keras stock
     fn = {
@@ -565,7 +565,7 @@ def gemm_gflops(a: argparse.Namespace) -> float:
 def machine_line(a: argparse.Namespace, load: tuple[float, float], seconds: float, gemm: float) -> str:
     import torch
 
-    from xray.runtime import cpu_flags
+    from xray.core.runtime import cpu_flags
 
     model, flags = platform.processor() or "unknown CPU", cpu_flags() or set()
     cpuinfo = Path("/proc/cpuinfo")

@@ -62,7 +62,7 @@ def compose_config(
 
 
 def run_training(data_root: Path, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    from xray.training import train
+    from xray.training.run import train
 
     cfg = compose_config(data_root, run_dir, overrides)
     return train(cfg)

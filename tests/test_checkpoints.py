@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from xray.checkpoints import export_for_inference, load_checkpoint_file, load_model
-from xray.predictor import PRETRAINED_PATH
+from xray.core.checkpoint_io import load_checkpoint_file
+from xray.inference.checkpoints import export_for_inference, load_model
+from xray.inference.predictor import PRETRAINED_PATH
 
 
 @pytest.mark.parametrize("half", [False, True])
@@ -35,7 +36,7 @@ def test_shipped_model_predicts_out_of_the_box(tmp_path: Path) -> None:
 
     from tests.conftest import synthetic_xray
     from tests.helpers import run_script
-    from xray.predictor import load_predictor
+    from xray.inference.predictor import load_predictor
 
     files = [PRETRAINED_PATH] if PRETRAINED_PATH.is_file() else list(PRETRAINED_PATH.iterdir())
     assert sum(f.stat().st_size for f in files) <= 50 * 1024 * 1024
@@ -62,7 +63,7 @@ def test_a_non_editable_install_finds_the_shipped_model(tmp_path: Path) -> None:
     import zipfile
 
     from tests.conftest import PROJECT_ROOT
-    from xray.predictor import PRETRAINED_NAME
+    from xray.inference.predictor import PRETRAINED_NAME
 
     source = tmp_path / "source"  # build from a copy: setuptools writes build/ and egg-info beside it
     source.mkdir()
@@ -88,7 +89,7 @@ def test_a_non_editable_install_finds_the_shipped_model(tmp_path: Path) -> None:
     install = [*pip, "install", "--no-deps", "--no-index", "--ignore-installed", "--prefix", str(prefix)]
     subprocess.run([*install, str(wheel)], check=True)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
-    probe = "import xray.predictor as p; print(p.__file__); print(p.load_predictor('pretrained').source)"
+    probe = "import xray.inference.predictor as p; print(p.__file__); print(p.load_predictor('pretrained').source)"
     proc = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
         env={**__import__("os").environ, "PYTHONPATH": str(site)},

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import compose_config, run_script
-from xray.config_checks import ConfigError, instantiate, validate_config
+from xray.core.config_checks import ConfigError, instantiate, validate_config
 
 
 @pytest.mark.parametrize(
@@ -119,5 +119,5 @@ def test_cli_unknown_key_is_named(tmp_path: Path) -> None:
 def test_cli_missing_dataset_says_where_and_how(tmp_path: Path) -> None:
     proc = run_train(f"paths.log_dir={tmp_path}", f"data.root={tmp_path / 'nowhere'}")
     assert proc.returncode == 2
-    assert str(tmp_path / "nowhere") in proc.stderr and "xray.data.download" in proc.stderr
+    assert str(tmp_path / "nowhere") in proc.stderr and "python -m xray.download" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from xray.conv_grad import ConvMaxPool2x2, use_cpu_conv_paths, wants_cpu_conv_paths
 from xray.models import SeedCNN
+from xray.models.conv_grad import ConvMaxPool2x2, use_cpu_conv_paths, wants_cpu_conv_paths
 from xray.models.seed_cnn import MaxPool2x2
 
 

@@ -1,4 +1,4 @@
-"""Tests for xray.cv: pooling k-fold out-of-fold predictions (synthetic run directories, no training)."""
+"""Tests for xray.evaluation.folds: pooling k-fold out-of-fold predictions (synthetic run directories, no training)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from xray.calibration import apply_temperature, fit_temperature, log_loss
-from xray.cv import CVError, aggregate, find_fold_runs, main, write_cv_report
-from xray.metrics import choose_threshold, classification_metrics, evaluate
+from xray.cv import main
+from xray.evaluation.calibration import apply_temperature, fit_temperature, log_loss
+from xray.evaluation.folds import CVError, aggregate, find_fold_runs
+from xray.evaluation.metrics import choose_threshold, classification_metrics, evaluate
+from xray.evaluation.report import write_cv_report
 
 N_BOOT = 50  # bootstrap resamples: enough to exercise the CIs, fast on two cores
 
@@ -98,7 +100,7 @@ def _multirun(
 
 
 def _pooled(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated logits and labels, read back from the CSVs independently of xray.cv."""
+    """Concatenated logits and labels, read back from the CSVs independently of xray.evaluation.folds."""
     logits, labels = [], []
     for csv_path in sorted(root.glob("*/val_predictions.csv")):
         for line in csv_path.read_text().splitlines()[1:]:

@@ -64,7 +64,7 @@ def test_cached_equals_uncached(dataset_root: Path, tmp_path: Path) -> None:
 
 def test_cache_is_reused_and_never_redecodes(dataset_root: Path, tmp_path: Path) -> None:
     make_dm(dataset_root, tmp_path)
-    with mock.patch("xray.transforms.read_image", side_effect=AssertionError("decoded again")):
+    with mock.patch("xray.data.transforms.read_image", side_effect=AssertionError("decoded again")):
         dm = make_dm(dataset_root, tmp_path)
         for _ in dm.train_dataloader():
             pass
@@ -169,6 +169,6 @@ def test_bad_arguments_rejected_before_reading(tmp_path: Path, kwargs: dict, mat
 
 def test_download_settings_reach_the_one_download_path(tmp_path: Path) -> None:
     dm = XRayDataModule(root=str(tmp_path / "pm"), source="pneumoniamnist", size=64, download=True)
-    with mock.patch("xray.data.download.ensure_dataset") as ensure:
+    with mock.patch("xray.data.datamodule.ensure_dataset") as ensure:
         dm.prepare_data()
     ensure.assert_called_once_with(tmp_path / "pm", source="pneumoniamnist", size=64, download=True)

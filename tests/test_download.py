@@ -30,8 +30,8 @@ from xray.data.download import (
     download_file,
     ensure_dataset,
     extract_kermany,
-    main,
 )
+from xray.download import main
 
 # ----------------------------------------------------------------------------------------- HTTP server
 
@@ -213,7 +213,7 @@ def test_checksum_mismatch_deletes_part_and_leaves_nothing(server: Server, tmp_p
         download_dataset(root, url=url, sha256="0" * 64, **FAST)
     message = str(info.value)
     assert "sha256" in message and "0" * 64 in message and url in message
-    assert f"python -m xray.data.download --root {root}" in message
+    assert f"python -m xray.download --root {root}" in message
     assert not root.exists()
     cache = root.parent / ".downloads"
     assert not any(cache.iterdir()), "neither the file nor its .part may remain"
@@ -280,7 +280,7 @@ def test_404_names_url_status_and_manual_hint(server: Server, tmp_path: Path) ->
         download_file(url, tmp_path / "missing.zip", **FAST)
     message = str(info.value)
     assert "HTTP 404" in message and url in message
-    assert "python -m xray.data.download --root" in message
+    assert "python -m xray.download --root" in message
     assert "paultimothymooney/chest-xray-pneumonia" in message and "10.17632/rscbjbr9sj.2" in message
     assert not (tmp_path / "missing.zip").exists() and not (tmp_path / "missing.zip.part").exists()
 
@@ -314,7 +314,7 @@ def test_disk_full_while_writing(server: Server, tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(dl, "_write_chunk", full)
     with pytest.raises(DownloadError, match="disk space") as info:
         download_file(url, tmp_path / "d.bin", **FAST)
-    assert "python -m xray.data.download" in str(info.value)
+    assert "python -m xray.download" in str(info.value)
     assert not (tmp_path / "d.bin").exists()
 
 
@@ -490,7 +490,7 @@ def test_ensure_dataset_missing_non_interactive(tmp_path: Path) -> None:
         ensure_dataset(root, interactive=False)
     assert isinstance(info.value, FileNotFoundError)
     message = str(info.value)
-    assert str(root) in message and f"python -m xray.data.download --root {root}" in message
+    assert str(root) in message and f"python -m xray.download --root {root}" in message
     assert "paultimothymooney/chest-xray-pneumonia" in message
     assert not root.exists()
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from tests.helpers import compose_config, run_training
-from xray.checkpoints import load_checkpoint_file, load_model
+from xray.core.checkpoint_io import load_checkpoint_file
+from xray.inference.checkpoints import load_model
 
 
 def test_ema_config_adds_the_callback_to_the_defaults(tmp_path: Path) -> None:

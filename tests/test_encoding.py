@@ -14,14 +14,15 @@ from torchvision.transforms.v2 import functional as TF
 
 from tests.conftest import REAL_DATA, REAL_FULLRES, make_dataset, synthetic_xray
 from tests.test_ensemble import make_net, save_ckpt
-from xray.checkpoints import load_model
 from xray.data.datamodule import XRayDataModule
-from xray.data.encoding import SourceEncoding, detect_source_encoding, jpeg_quality, main, match_encoding
+from xray.data.encoding import SourceEncoding, detect_source_encoding, jpeg_quality, match_encoding
 from xray.data.io import read_image
-from xray.inference import predict_files
-from xray.paired import find_pairs, paired_shift
+from xray.encoding import main
+from xray.inference.checkpoints import load_model
+from xray.inference.paired import find_pairs, paired_shift
+from xray.inference.predict import predict_files
+from xray.inference.predictor import load_predictor
 from xray.paired import main as paired_main
-from xray.predictor import load_predictor
 
 
 def _logit(p: float | None) -> float:

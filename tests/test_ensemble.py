@@ -21,18 +21,19 @@ from torch import Tensor
 
 from tests.conftest import synthetic_xray
 from tests.helpers import compose_hydra, run_script
-from xray.checkpoints import CheckpointError, LoadedModel, load_model
-from xray.constants import CLASSES
-from xray.inference import EXIT_OK, predict_files, run_predict
-from xray.models import SeedCNN, flip_tta_logits
-from xray.predictor import (
+from xray.core.checkpoint_io import CheckpointError
+from xray.core.constants import CLASSES
+from xray.data.transforms import load_resized, rescale
+from xray.inference.checkpoints import LoadedModel, load_model
+from xray.inference.predict import EXIT_OK, predict_files, run_predict
+from xray.inference.predictor import (
     MANIFEST_NAME,
     Predictor,
     load_predictor,
     resolve_checkpoint,
     write_ensemble_manifest,
 )
-from xray.transforms import load_resized, rescale
+from xray.models import SeedCNN, flip_tta_logits
 
 N_IMAGES = 6
 
@@ -371,7 +372,7 @@ def test_pretrained_may_be_a_file_or_an_ensemble_folder(
         save_ckpt(target / "m0.ckpt", nets["a"])
         save_ckpt(target / "m1.ckpt", nets["c"])
         write_ensemble_manifest(target, ["m0.ckpt", "m1.ckpt"], 0.42, 1.3, "fixed")
-    monkeypatch.setattr("xray.predictor.PRETRAINED_PATH", target)
+    monkeypatch.setattr("xray.inference.predictor.PRETRAINED_PATH", target)
     predictor = load_predictor("pretrained")
     assert predictor.is_ensemble == (kind == "folder")
     assert predictor.threshold == 0.42
@@ -389,16 +390,16 @@ def test_single_checkpoint_predictor_reads_its_meta(nets: dict[str, SeedCNN], tm
 def test_gradcam_of_an_ensemble_uses_the_first_member(
     nets: dict[str, SeedCNN], images: list[Path], tmp_path: Path, monkeypatch
 ) -> None:
-    import xray.inference
+    import xray.inference.predict
 
     used: list[Any] = []
 
-    class Recording(xray.inference.GradCam):
+    class Recording(xray.inference.predict.GradCam):
         def __init__(self, net: Any, out_dir: Any = None) -> None:
             used.append(net)
             super().__init__(net, out_dir)
 
-    monkeypatch.setattr(xray.inference, "GradCam", Recording)
+    monkeypatch.setattr(xray.inference.predict, "GradCam", Recording)
     ckpts = [save_ckpt(tmp_path / "c.ckpt", nets["c"]), save_ckpt(tmp_path / "a.ckpt", nets["a"])]
     predictor = load_predictor([str(c) for c in ckpts])
     rows = predict_files(predictor, images[:3], device="cpu", gradcam_dir=tmp_path / "cam")

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from tests.helpers import compose_hydra
-from xray.checkpoints import atomic_torch_save, load_checkpoint_file
-from xray.config_checks import ConfigError
-from xray.constants import CLASSES
-from xray.export import export_model, run_export, run_exported
-from xray.inference import collect_inputs, predict_files
-from xray.predictor import load_predictor, update_ensemble_manifest, write_ensemble_manifest
-from xray.transforms import load_resized, rescale
+from xray.core.checkpoint_io import atomic_torch_save, load_checkpoint_file
+from xray.core.config_checks import ConfigError
+from xray.core.constants import CLASSES
+from xray.data.transforms import load_resized, rescale
+from xray.export import run_export
+from xray.inference.export import export_model, run_exported
+from xray.inference.predict import collect_inputs, predict_files
+from xray.inference.predictor import load_predictor, update_ensemble_manifest, write_ensemble_manifest
 
 
 @pytest.fixture(scope="module")

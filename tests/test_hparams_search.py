@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import TINY, compose_config, run_script
 from xray.cli import TrialFailed, check_optimized_metric, metric_value, sweep_trial
-from xray.config_checks import ConfigError, instantiate, validate_config
-from xray.module import NonFiniteLossError
+from xray.core.config_checks import ConfigError, instantiate, validate_config
+from xray.training.module import NonFiniteLossError
 
 # CI installs the sweep extra, so there a missing plugin fails; elsewhere these tests need it installed
 requires_sweeper = pytest.mark.skipif(

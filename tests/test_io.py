@@ -28,7 +28,7 @@ from tests.odd_files import (
     write_truncated_jpeg,
     write_zero_byte,
 )
-from xray.constants import IMAGE_EXTENSIONS
+from xray.core.constants import IMAGE_EXTENSIONS
 from xray.data import io as xio
 from xray.data.io import SUPPORTED_EXTENSIONS, ImageReadError, probe_image, read_image, read_image_info
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers import compose_config
-from xray.checkpoints import load_checkpoint_file
+from xray.core.checkpoint_io import load_checkpoint_file
 
 
 class _WorseEveryEpoch(L.LightningModule):

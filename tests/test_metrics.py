@@ -1,4 +1,4 @@
-"""Tests for xray.metrics: metrics at one point, bootstrap intervals, threshold choice."""
+"""Tests for xray.evaluation.metrics: metrics at one point, bootstrap intervals, threshold choice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from xray.metrics import (
+from xray.evaluation.metrics import (
     BOOTSTRAP_METRICS,
     _bootstrap_samples,
     bootstrap_ci,

@@ -9,7 +9,7 @@ import torch
 
 from xray.models import SeedCNN, TorchvisionNet, build_net, flip_tta_logits
 from xray.models.seed_cnn import MaxPool2x2
-from xray.module import XRayClassifier
+from xray.training.module import XRayClassifier
 
 
 def test_seed_cnn_forward_backward() -> None:
@@ -134,7 +134,7 @@ def test_tta_averages_the_horizontal_flip() -> None:
 
 
 def test_non_finite_loss_names_epoch_and_step() -> None:
-    from xray.module import NonFiniteLossError
+    from xray.training.module import NonFiniteLossError
 
     module = make_module()
     module.net.classifier[-1].bias.data.fill_(float("nan"))

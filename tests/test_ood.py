@@ -1,4 +1,4 @@
-"""Out-of-distribution scores (xray.ood): the statistics, their storage, and separation of non-films.
+"""Out-of-distribution scores (xray.inference.ood): the statistics, their storage, and separation of non-films.
 
 The synthetic tests use a small random-initialised network on the synthetic films of conftest: its
 features are not a radiologist's, but films and non-films differ in them, which is what is tested;
@@ -15,10 +15,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import PROJECT_ROOT, REAL_DATA, synthetic_xray
-from xray.checkpoints import CheckpointError, atomic_torch_save, load_checkpoint_file, load_model
-from xray.inference import WARNING_KINDS, predict_files
-from xray.models import EfficientNetLite, SeedCNN
-from xray.ood import (
+from xray.core.checkpoint_io import CheckpointError, atomic_torch_save, load_checkpoint_file
+from xray.inference.checkpoints import load_model
+from xray.inference.ood import (
     FeatureGaussian,
     OodError,
     combine_scores,
@@ -27,7 +26,9 @@ from xray.ood import (
     logits_and_features,
     stratified_subsample,
 )
-from xray.ood_check import OOD_FAMILIES, ood_families, separation
+from xray.inference.ood_families import OOD_FAMILIES, ood_families, separation
+from xray.inference.predict import WARNING_KINDS, predict_files
+from xray.models import EfficientNetLite, SeedCNN
 
 SIZE = 48
 
@@ -230,7 +231,7 @@ def test_shipped_ensemble_has_ood_stats_and_separates_on_real_films() -> None:
     """Fold 0's member on 40 films of its own validation fold (never trained on; its OOD threshold is
     the 95% point over that fold's films) against synthetic families that are not chest films."""
     from xray.data.records import patient_folds, scan_split
-    from xray.transforms import load_resized
+    from xray.data.transforms import load_resized
 
     folder = PROJECT_ROOT / "models" / "xray_gpu_transfer"
     model = load_model(folder / "fold0.ckpt")
@@ -260,7 +261,7 @@ def test_ood_command_fits_an_older_checkpoint(
     from xray.ood import run_ood
 
     ckpt = load_checkpoint_file(trained_run / "checkpoints" / "best_xray_model.ckpt")
-    del ckpt["xray"]["ood"], ckpt["xray"]["split"]  # as written before #13
+    del ckpt["xray"]["ood"], ckpt["xray"]["split"]  # as written before checkpoints stored OOD statistics
     old = tmp_path / "old.ckpt"
     atomic_torch_save(ckpt, old)
     assert load_model(old).ood is None

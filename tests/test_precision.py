@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from xray import runtime
-from xray.runtime import cpu_has_native_bf16, resolve_precision
+from xray.core import runtime
+from xray.core.runtime import cpu_has_native_bf16, resolve_precision
 
 
 def _cpuinfo(tmp_path: Path, flags: str) -> str:

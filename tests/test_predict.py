@@ -1,4 +1,4 @@
-"""predict.py / xray.inference: checkpoint resolution, input forms, CSV, exit codes, consistency with
+"""predict.py / xray.inference.predict: checkpoint resolution, input forms, CSV, exit codes, consistency with
 training, untrusted checkpoints, class-folder metrics, Grad-CAM, and predict.py end to end."""
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from tests.odd_files import (
     write_dicom,
     write_png,
 )
-from xray.checkpoints import CheckpointError, load_checkpoint_file, load_model
-from xray.config_checks import ConfigError
+from xray.core.checkpoint_io import CheckpointError, load_checkpoint_file
+from xray.core.config_checks import ConfigError
 from xray.data.io import ImageInfo
-from xray.gradcam import GradCam, last_conv2d
-from xray.inference import (
+from xray.evaluation.metrics import classification_metrics
+from xray.inference.checkpoints import load_model
+from xray.inference.gradcam import GradCam, last_conv2d
+from xray.inference.predict import (
     CSV_COLUMNS,
     EXIT_OK,
     EXIT_SOME_FAILED,
@@ -44,7 +46,6 @@ from xray.inference import (
     resolve_device,
     run_predict,
 )
-from xray.metrics import classification_metrics
 
 # the files of make_odd_files that a folder scan picks up (the directory is skipped, the .xyz ignored)
 ODD_IN_FOLDER = {"zero_byte", "truncated_jpeg", "text_as_png", "bomb_png", "dicom_no_pixels"}
@@ -158,7 +159,7 @@ def test_ckpt_pretrained_missing_is_a_clear_error(
     monkeypatch, few_images: Path, tmp_path: Path, capsys
 ) -> None:
     missing = tmp_path / "models" / "xray_cpu_fast.ckpt"
-    monkeypatch.setattr("xray.predictor.PRETRAINED_PATH", missing)
+    monkeypatch.setattr("xray.inference.predictor.PRETRAINED_PATH", missing)
     assert run_cli(tmp_path / "out", ["ckpt=pretrained", f"input={few_images}"]) == 2
     err = capsys.readouterr().err
     assert f"error: ckpt=pretrained: shipped model {missing} is missing" in err

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.odd_files import gradient_image, jpeg_bytes, noise_image, write_dicom
-from xray.checkpoints import LoadedModel
-from xray.inference import collect_inputs, predict_files
+from xray.inference.checkpoints import LoadedModel
+from xray.inference.predict import collect_inputs, predict_files
 from xray.models import SeedCNN
 
 IMAGE_SIZE = 16

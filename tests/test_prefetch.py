@@ -16,9 +16,9 @@ from torch.overrides import TorchFunctionMode
 import xray.data.prefetch as prefetch_module
 from xray.data.datamodule import XRayDataModule
 from xray.data.prefetch import DevicePrefetcher, wants_pinned_memory
+from xray.data.transforms import Rescale
 from xray.models import SeedCNN
-from xray.module import EpochBinaryMetric, FiniteLossGuard, NonFiniteLossError, XRayClassifier
-from xray.transforms import Rescale
+from xray.training.module import EpochBinaryMetric, FiniteLossGuard, NonFiniteLossError, XRayClassifier
 
 
 def _fake_trainer(device: str, training: bool = True) -> Any:

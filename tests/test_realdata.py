@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REAL_DATA
 from tests.helpers import run_training
-from xray.runtime import cpu_has_native_bf16
+from xray.core.runtime import cpu_has_native_bf16
 
 SMALL_REAL = [
     "data.image_size=64",

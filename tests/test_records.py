@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xray.constants import CLASS_TO_INDEX, CLASSES
+from xray.core.constants import CLASS_TO_INDEX, CLASSES
 from xray.data.records import (
     DatasetLayoutError,
     Record,

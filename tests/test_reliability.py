@@ -18,10 +18,15 @@ from PIL import Image
 from tests.conftest import PROJECT_ROOT, make_dataset
 from tests.helpers import TINY, compose_config, run_training
 from tests.odd_files import write_png_header_only, write_text_as_png, write_truncated_jpeg, write_zero_byte
-from xray.checkpoints import AtomicCheckpointIO, CheckpointError, atomic_torch_save, load_checkpoint_file
+from xray.core.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    atomic_torch_save,
+    load_checkpoint_file,
+)
 from xray.data.datamodule import BadImagesError, XRayDataModule
-from xray.module import NonFiniteLossError
-from xray.training import check_writable, train
+from xray.training.module import NonFiniteLossError
+from xray.training.run import check_writable, train
 
 SLOW = "+callbacks.slow._target_=tests.helpers.SlowDown"
 

@@ -1,4 +1,4 @@
-"""Tests for xray.report: metrics.json and report.md."""
+"""Tests for xray.evaluation.report: metrics.json and report.md."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.test_metrics import _synthetic
-from xray.metrics import evaluate
-from xray.report import ANCHORS, render_report, write_metrics_json, write_report
+from xray.evaluation.metrics import evaluate
+from xray.evaluation.report import ANCHORS, render_report, write_metrics_json, write_report
 
 
 def test_metrics_json_round_trip_nan_to_null(tmp_path) -> None:

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from xray.shifts import (
+from xray.evaluation.report import render_shift_table
+from xray.evaluation.shifts import (
     METRICS,
     SHIFTS,
     apply_shift,
     log_shift_metrics,
-    render_shift_table,
     shift_logits,
     shift_metrics,
 )

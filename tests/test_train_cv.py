@@ -11,9 +11,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import run_training
-from xray.checkpoints import load_checkpoint_file
+from xray.core.checkpoint_io import load_checkpoint_file
 from xray.cv import main as cv_main
-from xray.shifts import SHIFTS
+from xray.evaluation.shifts import SHIFTS
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,8 @@ def test_cv_command_pools_the_folds(fold_runs: list[Path], tmp_path: Path) -> No
 def test_cv_shift_youden_pools_the_shifted_predictions(fold_runs: list[Path], tmp_path: Path) -> None:
     import torch
 
-    from xray.calibration import apply_temperature
-    from xray.metrics import choose_threshold
+    from xray.evaluation.calibration import apply_temperature
+    from xray.evaluation.metrics import choose_threshold
 
     assert (
         cv_main([str(p) for p in fold_runs] + ["--out", str(tmp_path), "--threshold-rule", "shift_youden"])
@@ -114,9 +114,9 @@ def test_cv_writes_the_fold_models_as_one_ensemble(
 ) -> None:
     import torch
 
-    from xray.checkpoints import load_model
-    from xray.inference import predict_files
-    from xray.predictor import load_predictor
+    from xray.inference.checkpoints import load_model
+    from xray.inference.predict import predict_files
+    from xray.inference.predictor import load_predictor
 
     out = tmp_path / "ensemble"
     assert cv_main([*map(str, fold_runs), "--out", str(tmp_path), "--ensemble-out", str(out)]) == 0
@@ -133,7 +133,7 @@ def test_cv_writes_the_fold_models_as_one_ensemble(
     rows = predict_files(load_predictor(str(out)), files, device="cpu")
     members = [load_model(out / m) for m in manifest["members"]]
     from xray.data.cache import load_resized
-    from xray.transforms import rescale
+    from xray.data.transforms import rescale
 
     images = rescale(
         torch.stack([torch.from_numpy(load_resized(f, 48, "bilinear")).unsqueeze(0) for f in files])

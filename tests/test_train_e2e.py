@@ -9,7 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from xray.checkpoints import CheckpointError, load_checkpoint_file, load_model
+from xray.core.checkpoint_io import CheckpointError, load_checkpoint_file
+from xray.inference.checkpoints import load_model
 
 
 def test_run_directory_contents(trained_run: Path) -> None:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
-from xray.calibration import apply_temperature, fit_temperature, log_loss
-from xray.checkpoints import CheckpointError
+from xray.core.checkpoint_io import CheckpointError
+from xray.data.transforms import appearance_augment_batch
+from xray.evaluation.calibration import apply_temperature, fit_temperature, log_loss
 from xray.models import EfficientNetLite, build_net
 from xray.models.backbones import equalize_histogram
 from xray.models.efficientnet_lite import (
@@ -21,7 +22,6 @@ from xray.models.efficientnet_lite import (
     load_offline_weights,
     offline_weights_path,
 )
-from xray.transforms import appearance_augment_batch
 
 
 def _efficientnet_pytorch_layout(net: EfficientNetLite) -> dict[str, torch.Tensor]:

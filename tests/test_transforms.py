@@ -1,4 +1,4 @@
-"""Tests for xray.transforms: the Keras affine against independent NumPy/SciPy references."""
+"""Tests for xray.data.transforms: the Keras affine against independent NumPy/SciPy references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 from torchvision import tv_tensors
 
-from xray.transforms import (
+from xray.data.transforms import (
     KerasAugmentParams,
     KerasRandomAffine,
     Rescale,
@@ -358,7 +358,7 @@ def test_the_seed_augmentation_has_one_home() -> None:
 
     from tests.conftest import PROJECT_ROOT
     from xray.data.datamodule import XRayDataModule
-    from xray.transforms import KERAS_SEED_AUGMENT, KerasRandomAffine, sample_keras_params
+    from xray.data.transforms import KERAS_SEED_AUGMENT, KerasRandomAffine, sample_keras_params
 
     yaml = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "data" / "kermany.yaml"))
     assert yaml["augment"] == KERAS_SEED_AUGMENT

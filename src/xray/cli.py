@@ -11,7 +11,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from xray.locations import locate
+from xray.core.config_checks import ConfigError
+from xray.core.errors import UserError
+from xray.core.locations import locate
+from xray.training.module import NonFiniteLossError
 
 EXIT_USER_ERROR = 2
 """Exit code for bad configuration, data or checkpoints: a message, no traceback."""
@@ -37,8 +40,6 @@ def hydra_entry(config_name: str, run: Callable[[Any], int]) -> None:
 def fail_cleanly(log: logging.Logger) -> Iterator[None]:
     """Turn a user error (bad input, not a bug) into ``error: <message>`` on stderr and exit code 2; the
     run's log file gets it too (not the console, where it would repeat the ``error:`` line)."""
-    from xray.errors import UserError
-
     try:
         yield
     except (UserError, PermissionError) as err:
@@ -88,8 +89,6 @@ class TrialFailed(RuntimeError):
 def sweep_trial(cfg: Any) -> Iterator[None]:
     """Inside ``fail_cleanly``: in a sweep that optimises a metric, a non-finite loss fails only its trial
     (as a user error, exit code 2, it would end the whole search at the first diverging learning rate)."""
-    from xray.module import NonFiniteLossError
-
     try:
         yield
     except NonFiniteLossError as err:
@@ -108,8 +107,6 @@ def _multirun() -> bool:
 def check_optimized_metric(cfg: Any) -> None:
     """Reject a bad ``optimized_metric`` before training rather than after it: a string path or null, and a
     ``val_shift`` metric only when shift validation runs (otherwise metrics.json has no ``val_shift``)."""
-    from xray.config_checks import ConfigError
-
     path = cfg.get("optimized_metric")
     if path is None:
         return
@@ -126,8 +123,6 @@ def metric_value(metrics: Mapping[str, Any], path: str | None) -> float | None:
     Keys with dots of their own (``val.at_0.5.auroc``) match whole, longest first; list items by index
     (``val.ci.auroc.0``). A missing path, a group or a string is a ConfigError listing the keys there.
     """
-    from xray.config_checks import ConfigError
-
     if path is None:
         return None
     node, rest, where = metrics, str(path), []

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xray.data.io import ImageReadError
-from xray.transforms import load_resized
+from xray.data.transforms import load_resized
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,17 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, WeightedRandomSampler
 
-from xray.config_checks import ConfigError, is_int, is_num, require
-from xray.constants import CLASSES
+from xray.core.config_checks import ConfigError, is_int, is_num, require
+from xray.core.constants import CLASSES
+from xray.core.errors import UserError
 from xray.data.cache import DecodedCache, build_cache
 from xray.data.dataset import XRayDataset, collate_batches
+from xray.data.download import ensure_dataset
 from xray.data.encoding import SourceEncoding, detect_source_encoding
 from xray.data.io import probe_image
 from xray.data.prefetch import DevicePrefetcher, wants_pinned_memory
 from xray.data.records import Record, class_counts, patient_folds, scan_split, split_by_patient
-from xray.errors import UserError
-from xray.transforms import (
+from xray.data.transforms import (
     KERAS_SEED_AUGMENT,
     KerasRandomAffine,
     appearance_augment_batch,
@@ -165,8 +166,6 @@ class XRayDataModule(LightningDataModule):
     # ----- setup ------------------------------------------------------------------------------------
     def check_dataset(self) -> None:
         """Fail at once, saying where we looked, when no dataset is at ``root`` (download if asked)."""
-        from xray.data.download import ensure_dataset
-
         ensure_dataset(self.root, source=self.source, size=self.size, download=self.download)
 
     def prepare_data(self) -> None:

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, default_collate
 
 from xray.data.cache import DecodedCache
 from xray.data.records import Record
-from xray.transforms import load_resized
+from xray.data.transforms import load_resized
 
 
 class PreCollated(tuple):

@@ -1,5 +1,5 @@
 """Getting the chest X-ray data: download, verify and unpack it into the Kaggle/Kermany layout
-``ROOT/{train,test[,val]}/{NORMAL,PNEUMONIA}/*``, from the command line (``python -m xray.data.download``)
+``ROOT/{train,test[,val]}/{NORMAL,PNEUMONIA}/*``, from the command line (``python -m xray.download``)
 or from training (:func:`ensure_dataset`).
 
 Unpacking goes to a temporary sibling of ROOT that is renamed onto ROOT only once complete, so ROOT
@@ -9,10 +9,10 @@ never looks complete unless it is. Every failure raises :class:`DownloadError` (
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
+import runpy
 import shutil
 import sys
 import tempfile
@@ -25,8 +25,8 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from xray.constants import CLASSES
-from xray.errors import UserError
+from xray.core.constants import CLASSES
+from xray.core.errors import UserError
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
@@ -47,7 +47,7 @@ def manual_instructions(root: str | Path | None = None) -> str:
     where = str(root) if root is not None else "ROOT"
     return (
         "To get the data:\n"
-        f"  * run: python -m xray.data.download --root {where}\n"
+        f"  * run: python -m xray.download --root {where}\n"
         f"  * or download it by hand, from Kaggle ({KAGGLE_DATASET}, {KAGGLE_URL})\n"
         f"    or from the Mendeley Data record doi:{MENDELEY_DOI} ({MENDELEY_URL}, ChestXRay2017.zip),\n"
         f"    and unpack it so that {where}/train/NORMAL and {where}/train/PNEUMONIA exist\n"
@@ -351,7 +351,7 @@ def dataset_present(root: str | Path) -> bool:
     return all(any(_visible_files(Path(root) / "train" / name)) for name in CLASSES)
 
 
-def _count_images(root: Path) -> dict[str, dict[str, int]]:
+def count_images(root: Path) -> dict[str, dict[str, int]]:
     return {
         split: {name: sum(1 for _ in _visible_files(root / split / name)) for name in CLASSES}
         for split in ("train", "val", "test")
@@ -570,7 +570,7 @@ def download_dataset(
     return root
 
 
-def _ask(question: str) -> bool:
+def ask(question: str) -> bool:
     try:
         answer = input(question)
     except EOFError:
@@ -578,7 +578,7 @@ def _ask(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _stdin_is_tty() -> bool:
+def stdin_is_tty() -> bool:
     try:
         return sys.stdin is not None and sys.stdin.isatty()
     except (AttributeError, ValueError, OSError):
@@ -602,89 +602,13 @@ def ensure_dataset(
     spec = get_source(source)
     if not download:
         if interactive is None:
-            interactive = _stdin_is_tty()
+            interactive = stdin_is_tty()
         if not interactive:
             raise DatasetNotFoundError(root)
-        if not _ask(f"Dataset not found at {root}. Download {spec.describe(size)} to {root}? [y/N] "):
+        if not ask(f"Dataset not found at {root}. Download {spec.describe(size)} to {root}? [y/N] "):
             raise DatasetNotFoundError(root, "Download declined.")
     return download_dataset(root, source, size, **download_kwargs)
 
 
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m xray.data.download",
-        description=(
-            "Download a chest X-ray dataset and unpack it into ROOT/{train,test[,val]}/{NORMAL,PNEUMONIA}. "
-            "Interrupted downloads resume. Sources: kermany = Kermany et al., Mendeley Data V2, "
-            f"doi:{MENDELEY_DOI} (CC BY 4.0, ~1.2 GB); pneumoniamnist = MedMNIST+ PneumoniaMNIST, "
-            "Zenodo 10519652 (CC BY 4.0), as PNG files."
-        ),
-    )
-    parser.add_argument("--source", choices=sorted(SOURCES), default="kermany")
-    parser.add_argument(
-        "--root", type=Path, help="dataset root (default: data/chest_xray, or data/pneumoniamnist_SIZE)"
-    )
-    parser.add_argument("--size", type=int, choices=(64, 128, 224), default=224, help="pneumoniamnist only")
-    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    parser.add_argument("--url", help="download from this URL instead (a mirror)")
-    digest = parser.add_mutually_exclusive_group()
-    digest.add_argument("--md5", help="expected md5 of the file at --url")
-    digest.add_argument("--sha256", help="expected sha256 of the file at --url")
-    parser.add_argument("--cache-dir", type=Path, help="where downloads go (default ROOT/../.downloads)")
-    parser.add_argument(
-        "--keep-archive", action="store_true", help="keep the downloaded file after unpacking"
-    )
-    parser.add_argument("--timeout", type=float, default=60, help="network timeout in seconds (default 60)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (0 ok, 1 error or declined, 130 interrupted)."""
-    args = _parser().parse_args(argv)
-    spec = SOURCES[args.source]
-    root: Path = (args.root if args.root is not None else Path(spec.root_for(args.size))).expanduser()
-    what = spec.describe(args.size)
-    try:
-        if dataset_present(root):
-            print(f"Dataset already present at {root}; nothing to do.")
-            return 0
-        if not args.yes and _stdin_is_tty() and not _ask(f"Download {what} to {root}? [y/N] "):
-            print("Aborted.", file=sys.stderr)
-            return 1
-        print(
-            f"Downloading {what}\n  from {args.url or spec.url_for(args.size)}\n  licence {spec.license}: "
-            f"{spec.citation}",
-            file=sys.stderr,
-        )
-        download_dataset(
-            root,
-            args.source,
-            args.size,
-            url=args.url,
-            md5=args.md5,
-            sha256=args.sha256,
-            cache_dir=args.cache_dir,
-            keep_archive=args.keep_archive,
-            progress=not args.no_progress,
-            timeout=args.timeout,
-        )
-    except (DownloadError, DatasetNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nInterrupted; run the same command again to resume the download.", file=sys.stderr)
-        return 130
-    counts = _count_images(root)
-    summary = ", ".join(
-        f"{split}: " + " / ".join(f"{n} {c}" for c, n in per.items()) for split, per in counts.items()
-    )
-    print(f"Dataset ready at {root} ({summary}).")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the former name of ``python -m xray.download``, kept working
+    runpy.run_module("xray.download", run_name="__main__", alter_sys=True)

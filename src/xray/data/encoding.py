@@ -5,17 +5,15 @@ test files and a user's are originals; a network trained on the re-encodes reads
 compression texture as evidence (a logit lower by 0.75 / 1.17, NORMAL / PNEUMONIA, on 80 films held in
 both forms). Giving an input the same encoding first removes most of that (models/README.md).
 Training stores :func:`detect_source_encoding` in the checkpoint; prediction applies
-:func:`match_file_encoding`. ``python -m xray.data.encoding CKPT --from DIR`` stamps older checkpoints.
+:func:`match_file_encoding`. ``python -m xray.encoding CKPT --from DIR`` stamps older checkpoints.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+import runpy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,41 +137,5 @@ def match_file_encoding(
     return image if file_encoding(path) == encoding else match_encoding(image, encoding)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m xray.data.encoding CKPT_OR_FOLDER --from TRAIN_DIR``: record (or ``--clear``) it."""
-    from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
-    from xray.data.records import find_images
-
-    parser = argparse.ArgumentParser(prog="python -m xray.data.encoding", description=main.__doc__)
-    parser.add_argument("ckpt", type=Path, help="a .ckpt file or a folder of them (an ensemble)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from", dest="source", type=Path, help="the training images the model learned from")
-    source.add_argument("--clear", action="store_true", help="remove the recorded encoding")
-    args = parser.parse_args(argv)
-    targets = sorted(args.ckpt.glob("*.ckpt")) if args.ckpt.is_dir() else [args.ckpt]
-    if not targets or not all(p.is_file() for p in targets):
-        print(f"error: {args.ckpt}: no checkpoint file there", file=sys.stderr)
-        return 2
-    encoding = None
-    if not args.clear:
-        files = find_images(args.source)
-        encoding = detect_source_encoding(files)
-        if encoding is None:
-            print(
-                f"error: {args.source}: its {len(files)} images share no one JPEG size and quality",
-                file=sys.stderr,
-            )
-            return 2
-    for path in targets:
-        preprocessing = dict(load_checkpoint_file(path)["xray"]["preprocessing"])
-        if encoding is None:
-            preprocessing.pop("source_encoding", None)
-        else:
-            preprocessing["source_encoding"] = encoding.to_meta()
-        update_checkpoint_meta(path, preprocessing=preprocessing)
-        print(f"{path}: source_encoding = {preprocessing.get('source_encoding')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the former name of ``python -m xray.encoding``, kept working
+    runpy.run_module("xray.encoding", run_name="__main__", alter_sys=True)

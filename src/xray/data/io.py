@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from xray.constants import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, RASTER_EXTENSIONS
+from xray.core.constants import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, RASTER_EXTENSIONS
 
 try:  # pydicom >= 3
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
-from xray.errors import UserError
+from xray.core.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
+from xray.core.errors import UserError
 
 
 class DatasetLayoutError(UserError, FileNotFoundError):

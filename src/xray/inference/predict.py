@@ -21,20 +21,22 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from xray.atomic import atomic_write_csv
-from xray.calibration import apply_temperature
-from xray.checkpoints import LoadedModel
-from xray.config_checks import ConfigError, is_int, is_num
-from xray.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
+from xray.core.atomic import atomic_write_csv
+from xray.core.config_checks import ConfigError, is_int, is_num
+from xray.core.constants import CLASS_TO_INDEX, CLASSES, IMAGE_EXTENSIONS
+from xray.core.runtime import keep_freed_memory
 from xray.data.encoding import SourceEncoding, match_file_encoding
 from xray.data.io import ImageInfo, ImageReadError, read_image_info
 from xray.data.records import find_images
-from xray.gradcam import GradCam
+from xray.data.transforms import rescale, resize_image
+from xray.evaluation.calibration import apply_temperature
+from xray.evaluation.metrics import classification_metrics
+from xray.evaluation.report import write_metrics_json
+from xray.inference.checkpoints import LoadedModel
+from xray.inference.gradcam import GradCam
+from xray.inference.ood import combine_scores, logits_and_features
+from xray.inference.predictor import Predictor, load_predictor
 from xray.models import flip_tta_logits
-from xray.ood import combine_scores, logits_and_features
-from xray.predictor import Predictor, load_predictor
-from xray.runtime import keep_freed_memory
-from xray.transforms import rescale, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +368,6 @@ def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Pa
 
 def label_metrics(rows: Sequence[PredictionRow], threshold: float) -> dict[str, Any] | None:
     """Clinical metrics over the predicted rows whose folder names their class; None when there are none."""
-    from xray.metrics import classification_metrics
-
     labeled = [r for r in rows if r.ok and r.true_label is not None]
     if not labeled:
         return None
@@ -537,8 +537,6 @@ def run_predict(cfg: Any) -> int:
     log.info("predictions: %s", csv_path)
     metrics = label_metrics(rows, threshold)
     if metrics is not None:
-        from xray.report import write_metrics_json
-
         metrics_path = write_metrics_json(
             csv_path.parent / "metrics.json",
             {"checkpoint": predictor.source, "input": input_spec, **metrics},

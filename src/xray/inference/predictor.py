@@ -10,20 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xray.atomic import atomic_write_text
-from xray.checkpoints import (
+from xray.core.atomic import atomic_write_text
+from xray.core.checkpoint_io import CheckpointError
+from xray.core.locations import candidates, locate
+from xray.data.encoding import SourceEncoding
+from xray.inference.checkpoints import (
     BEST_NAME,
     LAST_NAME,
-    CheckpointError,
     LoadedModel,
     check_positive,
     check_temperature,
     check_threshold,
     load_model,
 )
-from xray.data.encoding import SourceEncoding
-from xray.locations import candidates, locate
-from xray.ood import FeatureGaussian
+from xray.inference.ood import FeatureGaussian
 
 PRETRAINED_NAME = "xray_gpu_transfer"
 PRETRAINED_PATH = locate(f"models/{PRETRAINED_NAME}")

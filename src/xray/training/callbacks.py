@@ -8,6 +8,8 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+from xray.evaluation.plots import make_curves_figure, save_figure
+
 HISTORY_KEYS = ("train/loss", "train/acc", "train/auroc", "val/loss", "val/acc", "val/auroc")
 
 
@@ -31,8 +33,6 @@ class MetricsHistory(Callback):
             row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         self.history = [r for r in self.history if r["epoch"] != row["epoch"]] + [row]
         if trainer.is_global_zero and self.curves_path is not None:
-            from xray.plots import make_curves_figure, save_figure
-
             save_figure(make_curves_figure(self.history), self.curves_path)
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,11 +22,12 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from xray.config_checks import is_num, require
-from xray.constants import CHECKPOINT_KEY, CLASSES
-from xray.conv_grad import use_cpu_conv_paths, wants_cpu_conv_paths
-from xray.errors import UserError
+from xray.core.config_checks import is_num, require
+from xray.core.constants import CHECKPOINT_KEY, CLASSES
+from xray.core.errors import UserError
+from xray.evaluation.metrics import BOOTSTRAP_METRICS, classification_metrics
 from xray.models import flip_tta_logits
+from xray.models.conv_grad import use_cpu_conv_paths, wants_cpu_conv_paths
 
 CHECKPOINT_FORMAT = 1
 
@@ -148,7 +149,7 @@ class XRayClassifier(LightningModule):
         self.scheduler_factory = scheduler
         self.threshold = float(threshold)
         self.threshold_rule = "fixed"
-        self.temperature = 1.0  # fitted on validation logits after training (xray.calibration)
+        self.temperature = 1.0  # fitted on validation logits after training (xray.evaluation.calibration)
         self.preprocessing: dict[str, Any] = {}
         self.register_buffer("pos_weight", torch.ones(()), persistent=False)
         self.train_metrics = MetricCollection(
@@ -270,8 +271,6 @@ class XRayClassifier(LightningModule):
 
     def _log_clinical(self, prefix: str) -> None:
         """Sensitivity, specificity, PPV, NPV, F1, AP, Brier, ECE at the current threshold, per epoch."""
-        from xray.metrics import BOOTSTRAP_METRICS, classification_metrics
-
         probs, labels, _ = self.collected()
         if probs.numel() == 0 or self.trainer.sanity_checking:
             return

@@ -1,4 +1,4 @@
-"""What a run writes about its evaluation (numbers from :mod:`xray.metrics`): metrics.json, report.md,
+"""What a run writes about its evaluation (numbers from :mod:`xray.evaluation.metrics`): metrics.json, report.md,
 cv_report.md and the figures (also to TensorBoard)."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xray import plots
-from xray.atomic import atomic_write_text
-from xray.constants import CLASSES
-from xray.metrics import ECE_BINS, classification_metrics
+from xray.core.atomic import atomic_write_text
+from xray.core.constants import CLASSES
+from xray.evaluation import plots
+from xray.evaluation.metrics import ECE_BINS, classification_metrics
+from xray.evaluation.shifts import SUMMARY_ROWS
 
 # Published figures on the official 624-image test split (234 NORMAL / 390 PNEUMONIA), so a run's
 # test numbers can be read against them. None = not reported by the source.
@@ -149,6 +150,37 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = 
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+_TABLE_COLUMNS = (
+    ("auroc", "AUROC"),
+    ("log_loss", "log loss"),
+    ("brier", "Brier"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("balanced_accuracy", "balanced accuracy"),
+)
+
+
+def render_shift_table(
+    metrics: dict[str, dict[str, float]], *, threshold: float | None = None, seed: int | None = None
+) -> str:
+    """GitHub markdown table: clean, the shifts, then **mean** and **worst**, 3 decimals, with a caption."""
+    details = [f"threshold {threshold:.3f}"] if threshold is not None else []
+    details += [f"seed {seed}"] if seed is not None else []
+    suffix = f" ({', '.join(details)})" if details else ""
+    keys = sorted((k for k in metrics if k not in SUMMARY_ROWS), key=lambda k: k != "clean")  # stable
+    keys += [k for k in SUMMARY_ROWS if k in metrics]
+    rows = []
+    for key in keys:
+        cells = [key] + [f"{metrics[key][m]:.3f}" for m, _ in _TABLE_COLUMNS]
+        rows.append([f"**{c}**" for c in cells] if key in SUMMARY_ROWS else cells)
+    lines = [
+        f"Validation images under seeded acquisition shifts{suffix}; mean/worst are over the shifts.",
+        "",
+        *md_table(["shift", *(title for _, title in _TABLE_COLUMNS)], rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _confusion(m: Mapping[str, Any]) -> str:
     return "/".join(str(m.get(k, "?")) for k in ("tn", "fp", "fn", "tp"))
 
@@ -236,8 +268,6 @@ def render_report(
             "",
         ]
     if results.get("val_shift"):
-        from xray.shifts import render_shift_table
-
         lines += ["## Shift validation", "", render_shift_table(results["val_shift"]), ""]
 
     lines += [
@@ -393,7 +423,7 @@ def _confidence(temperature: float) -> str:
 
 
 def render_cv_report(result: Mapping[str, Any]) -> str:
-    """``cv_report.md`` text for an :func:`xray.cv.aggregate` result."""
+    """``cv_report.md`` text for an :func:`xray.evaluation.folds.aggregate` result."""
     k, pooled, cal = result["n_folds"], result["pooled"], result["calibration"]
     t, temp, t4 = result["threshold"], fmt_num(result["temperature"]), fmt_num(result["threshold"], 4)
     rule = result["threshold_rule"]
@@ -445,8 +475,6 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
     ]
     lines += [*md_table(["probabilities", "T", "log loss", f"ECE ({ECE_BINS} bins)", "Brier"], cal_rows), ""]
     if result.get("pooled_shift"):
-        from xray.shifts import render_shift_table
-
         lines += [
             "## Pooled shift validation (out-of-fold images under acquisition shifts)",
             "",

@@ -20,8 +20,8 @@ from torch import Tensor
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from xray.calibration import apply_temperature, log_loss
-from xray.metrics import choose_threshold, classification_metrics
+from xray.evaluation.calibration import apply_temperature, log_loss
+from xray.evaluation.metrics import choose_threshold, classification_metrics
 
 METRICS: tuple[str, ...] = (
     "auroc",
@@ -35,7 +35,8 @@ METRICS: tuple[str, ...] = (
 """Metrics computed per shift by :func:`shift_metrics`."""
 
 _LOWER_IS_BETTER = frozenset({"log_loss", "brier"})
-_SUMMARY_ROWS = ("mean", "worst")
+SUMMARY_ROWS = ("mean", "worst")
+"""Rows of :func:`shift_metrics` that summarise over the shifts rather than name one."""
 _MASK64 = (1 << 64) - 1
 
 
@@ -245,7 +246,7 @@ def shift_metrics(
     the shifts only (not ``"clean"``); worst is the max for log loss and Brier, the min otherwise."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    reserved = [key for key in _SUMMARY_ROWS if key in logits_by_shift]
+    reserved = [key for key in SUMMARY_ROWS if key in logits_by_shift]
     if reserved:
         raise ValueError(f"{reserved} are reserved row names")
     ordered = sorted(logits_by_shift, key=lambda key: key != "clean")  # stable: clean first
@@ -255,39 +256,6 @@ def shift_metrics(
         rows["mean"] = {m: sum(r[m] for r in shifted) / len(shifted) for m in METRICS}
         rows["worst"] = {m: (max if m in _LOWER_IS_BETTER else min)(r[m] for r in shifted) for m in METRICS}
     return rows
-
-
-_TABLE_COLUMNS = (
-    ("auroc", "AUROC"),
-    ("log_loss", "log loss"),
-    ("brier", "Brier"),
-    ("sensitivity", "sensitivity"),
-    ("specificity", "specificity"),
-    ("balanced_accuracy", "balanced accuracy"),
-)
-
-
-def render_shift_table(
-    metrics: dict[str, dict[str, float]], *, threshold: float | None = None, seed: int | None = None
-) -> str:
-    """GitHub markdown table: clean, the shifts, then **mean** and **worst**, 3 decimals, with a caption."""
-    details = [f"threshold {threshold:.3f}"] if threshold is not None else []
-    details += [f"seed {seed}"] if seed is not None else []
-    from xray.report import md_table
-
-    suffix = f" ({', '.join(details)})" if details else ""
-    keys = sorted((k for k in metrics if k not in _SUMMARY_ROWS), key=lambda k: k != "clean")  # stable
-    keys += [k for k in _SUMMARY_ROWS if k in metrics]
-    rows = []
-    for key in keys:
-        cells = [key] + [f"{metrics[key][m]:.3f}" for m, _ in _TABLE_COLUMNS]
-        rows.append([f"**{c}**" for c in cells] if key in _SUMMARY_ROWS else cells)
-    lines = [
-        f"Validation images under seeded acquisition shifts{suffix}; mean/worst are over the shifts.",
-        "",
-        *md_table(["shift", *(title for _, title in _TABLE_COLUMNS)], rows),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def log_shift_metrics(metrics: dict[str, dict[str, float]], loggers: Any, step: int | None = None) -> None:

@@ -15,14 +15,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from xray.atomic import atomic_write_csv
-from xray.calibration import apply_temperature, fit_temperature, log_loss
-from xray.checkpoints import load_checkpoint_file, update_checkpoint_meta
-from xray.config_checks import ConfigError, instantiate, validate_config
-from xray.cv import PREDICTIONS_FILE, SHIFT_PREDICTIONS_FILE
-from xray.metrics import choose_threshold, classification_metrics, evaluate
-from xray.report import write_metrics_json, write_plots, write_report
-from xray.runtime import keep_freed_memory, resolve_precision
+from xray.core.atomic import atomic_write_csv
+from xray.core.checkpoint_io import load_checkpoint_file
+from xray.core.config_checks import ConfigError, instantiate, validate_config
+from xray.core.runtime import keep_freed_memory, resolve_precision
+from xray.evaluation.calibration import apply_temperature, fit_temperature, log_loss
+from xray.evaluation.folds import PREDICTIONS_FILE, SHIFT_PREDICTIONS_FILE
+from xray.evaluation.metrics import choose_threshold, classification_metrics, evaluate
+from xray.evaluation.report import write_metrics_json, write_plots, write_report
+from xray.evaluation.shifts import log_shift_metrics, shift_logits, shift_metrics, shift_youden_threshold
+from xray.inference.checkpoints import update_checkpoint_meta
+from xray.inference.ood import DEFAULT_ACCEPTANCE, DEFAULT_COMPONENTS, fit_network, stratified_subsample
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +138,6 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     if rule == "shift_youden" and shifted is None:
         raise ValueError("evaluation.threshold_rule=shift_youden needs evaluation.shifts=true")
     if rule == "shift_youden":
-        from xray.shifts import shift_youden_threshold
-
         model.threshold = shift_youden_threshold(shifted, shift_labels, model.temperature)
     else:
         model.threshold = choose_threshold(probs, labels, rule=rule, target_sensitivity=ev.target_sensitivity)
@@ -155,8 +156,6 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
         "ece_after": results["val"]["at_threshold"]["ece"],
     }
     if shifted is not None:
-        from xray.shifts import log_shift_metrics, shift_metrics
-
         results["val_shift"] = shift_metrics(shifted, shift_labels, model.threshold, model.temperature)
         log_shift_metrics(results["val_shift"], trainer.loggers, step=trainer.global_step)
     if trainer.is_global_zero:
@@ -185,11 +184,9 @@ def split_meta(datamodule: Any) -> dict[str, Any]:
 
 
 def fit_ood(cfg: DictConfig, model: Any, datamodule: Any, best_path: Path) -> dict[str, Any]:
-    """OOD statistics of the best weights (``xray.ood``), stored in the best checkpoint: the Gaussian fitted
+    """OOD statistics of the best weights (``xray.inference.ood``), stored in the best checkpoint: the Gaussian fitted
     on a seeded, class-stratified subsample of ``evaluation.ood_n_fit`` training films (a minute on a
     CPU), the threshold on every validation film."""
-    from xray.ood import DEFAULT_ACCEPTANCE, DEFAULT_COMPONENTS, fit_network, stratified_subsample
-
     ev = cfg.evaluation
     n_fit = ev.get("ood_n_fit", 1000)
     train, val = datamodule.datasets["train"], datamodule.datasets["val"]
@@ -219,8 +216,6 @@ def shift_validation_logits(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Logits of the validation images clean and under each acquisition shift, and their labels: at most
     ``evaluation.shift_max_images``, evenly spaced in dataset order (sorted by class, so both kept)."""
-    from xray.shifts import shift_logits
-
     dataset = datamodule.datasets["val"]
     order = index.argsort()  # dataset order
     limit = ev.get("shift_max_images")
@@ -249,7 +244,7 @@ def write_predictions(
     logits: torch.Tensor,
     probs: torch.Tensor,
 ) -> Path:
-    """``val_predictions.csv``: path, label, raw logit, calibrated probability; what ``xray.cv`` pools."""
+    """``val_predictions.csv``: path, label, raw logit, calibrated probability; what ``xray.evaluation.folds`` pools."""
     records = datamodule.datasets["val"].records
     rows = zip(index.tolist(), labels.tolist(), logits.tolist(), probs.tolist(), strict=True)
     body = ([str(records[i].path), int(y), f"{z:.6g}", f"{p:.6g}"] for i, y, z, p in rows)
@@ -257,7 +252,7 @@ def write_predictions(
 
 
 def write_shift_predictions(path: Path, shifted: dict[str, torch.Tensor], labels: torch.Tensor) -> Path:
-    """``val_shift_predictions.csv``: shift, label, raw logit per (shift, image); ``xray.cv`` pools them."""
+    """``val_shift_predictions.csv``: shift, label, raw logit per (shift, image); ``xray.evaluation.folds`` pools them."""
     label_list = labels.tolist()
     body = (
         [name, int(y), f"{z:.6g}"]

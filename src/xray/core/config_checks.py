@@ -4,11 +4,12 @@ their own arguments with :func:`require`; ``RULES`` covers the keys nothing inst
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from xray.errors import UserError
+from xray.core.errors import UserError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -24,6 +25,11 @@ def is_int(v: Any) -> bool:
 
 def is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def is_positive_finite(value: Any) -> bool:
+    """A finite real number > 0 (``True`` is no number here)."""
+    return is_num(value) and math.isfinite(value) and value > 0
 
 
 def require(ok: bool, key: str, expected: str, value: Any) -> None:

@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from xray.config_checks import is_num, require
+from xray.core.config_checks import is_num, require
 from xray.data.io import read_image
 
 ShiftRange = float | int | Sequence[float]

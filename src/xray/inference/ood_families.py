@@ -5,22 +5,13 @@ family, and the share flagged)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from xray.ood import (
-    OodError,
-    combine_scores,
-    extract_features,
-    load_images,
-    member_films,
-    member_split,
-    stratified_subsample,
-)
-from xray.transforms import resize_image
+from xray.data.transforms import resize_image
+from xray.inference.ood import OodError
 
 
 def _uint8(x: np.ndarray) -> np.ndarray:
@@ -140,51 +131,3 @@ def format_separation(table: dict[str, dict[str, float]], title: str) -> list[st
         if name != "films":
             lines.append(f"| {name} | {row['n']} | {row['auroc']:.3f} | {100 * row['flagged']:.1f}% |")
     return lines
-
-
-def evaluate_separation(predictor: Any, records: list[Any], cfg: Any, device: Any) -> None:
-    """Separation table: films held out from fitting vs the synthetic families, per member and for the ensemble."""
-    from xray.config_checks import ConfigError
-
-    stats = predictor.ood_stats
-    if stats is None:
-        raise ConfigError("evaluate=true: the checkpoint has no OOD statistics; run with fit=true first")
-    n = len(predictor.members)
-    held_out: list[Any] = []
-    for k, member in enumerate(predictor.members):
-        val = member_films(member, records, cfg, k, n)[2] or member_split(member, records, cfg, k, n)[1]
-        picks = stratified_subsample(
-            [r.label for r in val], max(1, int(cfg.n_eval) // n), int(cfg.seed) + 100 + k
-        )
-        held_out.append([val[i] for i in picks])
-    size, interpolation = predictor.members[0].image_size, predictor.members[0].interpolation
-    films_by_member = [load_images(v, size, interpolation) for v in held_out]
-    films = torch.cat(films_by_member)
-    families = ood_families(films, int(cfg.n_family), seed=int(cfg.seed))
-    batches = {"films": films, **families}
-    own: list[Tensor] = []
-    member_scores: dict[str, list[Tensor]] = {name: [] for name in batches}
-    for k, member in enumerate(predictor.members):
-        for name, images in batches.items():
-            _, f = extract_features(member.net, images, batch_size=int(cfg.batch_size), device=device)
-            member_scores[name].append(stats[k].score(f))
-            if name == "films":  # the member's own held-out films
-                start = sum(len(v) for v in films_by_member[:k])
-                own.append(stats[k].score(f[start : start + len(films_by_member[k])]))
-    lines = ["## OOD score separation", ""]
-    per_member = separation(
-        torch.cat(own), {k: torch.cat(v) for k, v in member_scores.items() if k != "films"}, 1.0
-    )
-    lines += format_separation(
-        per_member,
-        "each member on its own fold's held-out validation films (never seen in its training), threshold 1.0",
-    )
-    combined = {k: combine_scores(v) for k, v in member_scores.items()}
-    ensemble = separation(combined.pop("films"), combined, predictor.ood_threshold)
-    if n > 1:
-        lines += [""] + format_separation(
-            ensemble,
-            f"the ensemble's score (mean of {n} members) on the same films, threshold {predictor.ood_threshold:g}; "
-            f"each film was in the training data of {n - 1} of the {n} members",
-        )
-    print("\n".join(lines))

@@ -1,4 +1,4 @@
-"""Clinical metrics on tensors, shared by training, prediction and ``xray.cv``: one operating point,
+"""Clinical metrics on tensors, shared by training, prediction and ``xray.evaluation.folds``: one operating point,
 bootstrap intervals and the threshold choice.
 
 Label 1 = PNEUMONIA. A case is positive when ``prob >= threshold`` (torchmetrics' ``threshold=`` is

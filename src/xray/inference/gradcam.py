@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from xray.config_checks import ConfigError
-from xray.constants import CLASSES
-from xray.transforms import rescale
+from xray.core.config_checks import ConfigError
+from xray.core.constants import CLASSES
+from xray.data.transforms import rescale
+from xray.evaluation.plots import save_figure
 
 
 def last_conv2d(net: nn.Module) -> nn.Conv2d:
@@ -54,7 +55,6 @@ class GradCam:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        from xray.plots import save_figure
 
         if self.out_dir is None:
             raise ValueError("GradCam.write needs an output folder")

@@ -1,6 +1,6 @@
 """Convolution training paths for CPUs without AVX-512, where oneDNN's channels_last kernels are uneven.
 
-Measured on an AVX2-only AMD EPYC (README, performance): the NHWC backward-weights kernel is about 3x
+Measured on an AVX2-only AMD EPYC (benchmarks/README.md): the NHWC backward-weights kernel is about 3x
 slower than NCHW's, and a first convolution with one input channel runs its forward and weight gradient
 at a few GFLOP/s. So convolutions with 8+ input channels take their weight gradient in NCHW, and a first
 convolution followed by a 2x2 max-pool becomes one fused block computed as small GEMMs, image by image.
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xray.core.runtime import cpu_flags
 from xray.models.seed_cnn import unpool_backward_allowed
-from xray.runtime import cpu_flags
 
 CHUNK = 8  # images per NCHW conversion in the weight gradient: ~190 MB at 500 px for the seed CNN's 2nd conv
 

@@ -10,10 +10,10 @@ from pathlib import Path
 def candidates(relative: str) -> list[Path]:
     """``relative`` (e.g. ``conf``) in the checkout, then under ``share/xray`` of the prefix this package
     is installed in, then of the running interpreter's prefix; in that order, without repeats."""
-    here = Path(__file__).resolve()
-    found = [here.parents[2] / relative]
-    if len(here.parents) > 4:  # PREFIX/lib/pythonX.Y/site-packages/xray/locations.py
-        found.append(here.parents[4] / "share" / "xray" / relative)
+    package = Path(__file__).resolve().parents[1]  # .../xray (this file is xray/core/locations.py)
+    found = [package.parents[1] / relative]  # the checkout: ROOT/src/xray
+    if len(package.parents) > 3:  # PREFIX/lib/pythonX.Y/site-packages/xray
+        found.append(package.parents[3] / "share" / "xray" / relative)
     found.append(Path(sys.prefix) / "share" / "xray" / relative)
     return list(dict.fromkeys(found))
 

@@ -20,8 +20,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
-from xray.constants import CLASSES
-from xray.metrics import (
+from xray.core.constants import CLASSES
+from xray.evaluation.metrics import (
     ECE_BINS,
     _ArrayLike,
     classification_metrics,

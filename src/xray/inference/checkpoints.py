@@ -1,83 +1,26 @@
-"""Checkpoint files: atomic writes, the one safe loader, and the network rebuilt from one.
-
-Checkpoints are untrusted: every load goes through :func:`load_checkpoint_file`
-(``torch.load(weights_only=True)``), which turns each failure into a ``CheckpointError`` naming the file.
-"""
+"""xray checkpoints: the network rebuilt from one (allow-listed classes), its stored settings checked,
+values written back, slim copies for shipping. Files are read through the one safe loader
+(:mod:`xray.core.checkpoint_io`)."""
 
 from __future__ import annotations
 
 import numbers
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from xray.atomic import atomic_write
-from xray.constants import CHECKPOINT_KEY
+from xray.core.checkpoint_io import CheckpointError, atomic_torch_save, load_checkpoint_file
+from xray.core.config_checks import is_positive_finite
+from xray.core.constants import CHECKPOINT_KEY
 from xray.data.encoding import SourceEncoding
-from xray.errors import UserError
+from xray.inference.ood import OOD_KEY, FeatureGaussian, OodError
 from xray.models import build_net
-from xray.ood import OOD_KEY, FeatureGaussian, OodError, is_positive_finite
 
 BEST_NAME = "best_xray_model.ckpt"
 LAST_NAME = "last.ckpt"
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that is missing, truncated, unsafe or not an xray checkpoint."""
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """The safe loader: ``weights_only=True``, with a clear error for every way a file can be bad."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: checkpoint is empty (0 bytes)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: refused to load: the file holds objects other than tensors and plain data "
-            f"(weights_only=True). It may be unsafe. Detail: {first_line}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path}: checkpoint is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(
-            f"{path}: not a Lightning checkpoint (top level is {type(checkpoint).__name__})"
-        )
-    return checkpoint
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning CheckpointIO: atomic saves; loads (resume included) through the safe loader."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        atomic_torch_save(checkpoint, path)
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> Any:
-        return load_checkpoint_file(path, map_location=map_location or "cpu")
 
 
 def check_positive(value: Any, where: str, what: str) -> float:
@@ -137,7 +80,7 @@ class LoadedModel:
 
     @property
     def ood(self) -> FeatureGaussian | None:
-        """The out-of-distribution statistics of this network (``xray.ood``); None for older checkpoints."""
+        """The out-of-distribution statistics of this network (``xray.inference.ood``); None for older checkpoints."""
         stored = self.meta.get(OOD_KEY)
         if stored is None:
             return None

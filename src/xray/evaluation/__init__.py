@@ -1,0 +1,1 @@
+"""Evaluation: metrics, calibration, shift validation, fold pooling, reports and figures (tensors in, numbers out)."""

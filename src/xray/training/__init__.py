@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its callbacks, and what train.py runs."""
