@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from xray.core.config_checks import ConfigError
 from xray.data.datamodule import BadImagesError, XRayDataModule
 from xray.data.records import DatasetLayoutError
 
@@ -94,6 +95,21 @@ def test_training_batches_are_augmented_on_device(dataset_root: Path, tmp_path: 
     torch.testing.assert_close(out, images.float() / 255)
 
 
+def test_acquisition_cues_are_drawn_on_training_batches_only(dataset_root: Path, tmp_path: Path) -> None:
+    """``data.acquisition``: synthetic cues on training batches (before the affine), never at evaluation."""
+    cues = {"p_text": 1.0, "p_marker": 1.0, "p_crop": 0.0, "p_blades": 0.0, "p_pad": 0.0}
+    dm = make_dm(dataset_root, tmp_path, augment=None, acquisition=cues, image_size=64)
+    images, labels, index = next(iter(dm.train_dataloader()))
+    dm.trainer = mock.Mock(training=True, world_size=1)
+    out, _, _ = dm.on_after_batch_transfer((images, labels, index), 0)
+    changed = (out - images.float() / 255).abs() > 0.05
+    assert changed.flatten(1).any(1).all()  # every film got text and a marker
+    assert changed.float().mean() < 0.3  # and only where they were drawn
+    dm.trainer = mock.Mock(training=False, world_size=1)
+    out, _, _ = dm.on_after_batch_transfer((images, labels, index), 0)
+    torch.testing.assert_close(out, images.float() / 255)
+
+
 def test_sample_mode_augments_in_the_dataset(dataset_root: Path, tmp_path: Path) -> None:
     dm = make_dm(dataset_root, tmp_path, augment_on="sample", augment={"rotation_range": 30.0})
     image, _, _ = dm.datasets["train"][0]
@@ -150,6 +166,13 @@ def test_missing_dataset_stops_at_once(tmp_path: Path) -> None:
         dm.check_dataset()
     with pytest.raises(DatasetLayoutError):
         dm.setup("fit")
+
+
+def test_bad_acquisition_settings_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.acquisition: .*p_text"):
+        XRayDataModule(root=str(tmp_path), acquisition={"p_text": 2.0})
+    with pytest.raises(ConfigError, match=r"data\.acquisition: .*colour"):
+        XRayDataModule(root=str(tmp_path), acquisition={"colour": 1.0})
 
 
 @pytest.mark.parametrize(

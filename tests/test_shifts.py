@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from xray.evaluation.report import render_shift_table
 from xray.evaluation.shifts import (
+    ACQUISITION_SHIFTS,
     METRICS,
     SHIFTS,
     apply_shift,
@@ -82,7 +83,8 @@ def images() -> torch.Tensor:
 
 def test_names_and_unknown_shift(images: torch.Tensor) -> None:
     assert SHIFTS[:4] == ("contrast_low", "contrast_high", "gamma_low", "gamma_high")
-    assert len(SHIFTS) == len(set(SHIFTS)) == 14
+    assert len(SHIFTS) == len(set(SHIFTS)) == 21
+    assert SHIFTS[13] == "rotate" and SHIFTS[14:] == ACQUISITION_SHIFTS  # new families last: old seeds kept
     with pytest.raises(ValueError, match="contrast_low.*rotate"):
         apply_shift(images, "solarize", range(8))
     with pytest.raises(ValueError, match="valid shifts"):
@@ -126,7 +128,11 @@ def test_shape_dtype_range(name: str, size: tuple[int, int]) -> None:
     assert int(out.min()) >= 0 and int(out.max()) <= 255
 
 
-@pytest.mark.parametrize("name", SHIFTS)
+IMAGING_SHIFTS = tuple(name for name in SHIFTS if name not in ACQUISITION_SHIFTS)
+"""Shifts of the whole image; the acquisition-cue families add or remove a cue (tests/test_acquisition.py)."""
+
+
+@pytest.mark.parametrize("name", IMAGING_SHIFTS)
 def test_each_shift_changes_the_image_mildly(images: torch.Tensor, name: str) -> None:
     out = apply_shift(images, name, range(8))
     mad = (out.float() - images.float()).abs().mean((1, 2, 3))
@@ -235,7 +241,7 @@ def test_shifts_preserve_labels_for_a_simple_detector() -> None:
 
     metrics = shift_metrics(shift_logits(detector, x, batch_size=10), labels, threshold=0.5)
     assert metrics["clean"]["auroc"] > 0.95
-    for name in SHIFTS:
+    for name in IMAGING_SHIFTS:  # burned-in text and markers fool a bright-blob detector: as intended
         assert metrics[name]["auroc"] > 0.9, name
 
 

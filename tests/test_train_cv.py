@@ -145,3 +145,24 @@ def test_cv_writes_the_fold_models_as_one_ensemble(
     assert (out / "fold0.ckpt").stat().st_size < (
         fold_runs[0] / "checkpoints" / "best_xray_model.ckpt"
     ).stat().st_size
+
+
+def test_cv_temperature_on_shifts_is_fitted_on_the_pooled_shifted_copies(
+    fold_runs: list[Path], tmp_path: Path
+) -> None:
+    import torch
+
+    from xray.evaluation.calibration import fit_temperature
+
+    argv = [str(p) for p in fold_runs] + ["--out", str(tmp_path), "--temperature-on", "shifts"]
+    assert cv_main(argv) == 0
+    summary = json.loads((tmp_path / "cv_metrics.json").read_text())
+    labels, logits = [], []
+    for run in fold_runs:
+        for row in csv.DictReader(open(run / "val_shift_predictions.csv")):  # noqa: SIM115
+            labels.append(int(row["label"]))
+            logits.append(float(row["logit"]))
+    expected = fit_temperature(torch.tensor(logits), torch.tensor(labels))
+    assert summary["temperature_on"] == "shifts"
+    assert summary["temperature"] == pytest.approx(expected, rel=1e-6)
+    assert "and their shifted copies" in (tmp_path / "cv_report.md").read_text()

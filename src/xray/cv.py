@@ -12,6 +12,7 @@ from typing import Any
 from xray.core.checkpoint_io import CheckpointError
 from xray.evaluation.folds import CV_THRESHOLD_RULES, CVError, FoldRun, aggregate, find_fold_runs
 from xray.evaluation.report import fmt_num, write_cv_report
+from xray.evaluation.shifts import TEMPERATURE_SOURCES
 from xray.inference.checkpoints import BEST_NAME, export_for_inference, load_model
 from xray.inference.ood import manifest_section
 from xray.inference.predictor import write_ensemble_manifest
@@ -38,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target-sensitivity", type=float, default=0.95, help="for --threshold-rule sensitivity"
     )
+    parser.add_argument(
+        "--temperature-on",
+        choices=TEMPERATURE_SOURCES,
+        default="clean",
+        help="shifts: fit the temperature on the pooled clean and shifted predictions (calibration that survives a shift)",
+    )
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return parser
@@ -57,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target_sensitivity=args.target_sensitivity,
             n_bootstrap=args.n_bootstrap,
             seed=args.seed,
+            temperature_on=args.temperature_on,
         )
         json_path, md_path = write_cv_report(result, out_dir)
         manifest = write_fold_ensemble(runs, result, args.ensemble_out) if args.ensemble_out else None

@@ -63,7 +63,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "evaluation.target_sensitivity": (lambda v: is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     "evaluation.n_bootstrap": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "evaluation.temperature_on": (lambda v: v in ("clean", "shifts"), "clean or shifts"),
 }
+# evaluation settings that read the shifted validation copies: key -> the value that needs them
+NEEDS_SHIFTS = {"evaluation.threshold_rule": "shift_youden", "evaluation.temperature_on": "shifts"}
 
 
 def _check_targets(node: Any, path: str) -> None:
@@ -110,6 +113,11 @@ def validate_config(cfg: DictConfig) -> None:
         if isinstance(value, ListConfig):
             value = list(value)
         require(check(value), key, expected, value)
+    for key, value in NEEDS_SHIFTS.items():
+        if OmegaConf.select(cfg, key, default=None) == value and not OmegaConf.select(
+            cfg, "evaluation.shifts", default=False
+        ):
+            raise ConfigError(f"{key}={value} needs evaluation.shifts=true (shift validation)")
     for group in ("data", "model", "callbacks", "logger", "trainer"):
         if group in cfg and cfg[group] is not None:
             _check_targets(cfg[group], group)

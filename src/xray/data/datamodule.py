@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Weigh
 from xray.core.config_checks import ConfigError, is_int, is_num, require
 from xray.core.constants import CLASSES
 from xray.core.errors import UserError
+from xray.data.acquisition import AcquisitionAugment
 from xray.data.cache import DecodedCache, build_cache
 from xray.data.dataset import XRayDataset, collate_batches
 from xray.data.download import ensure_dataset
@@ -63,6 +64,7 @@ class XRayDataModule(LightningDataModule):
         augment: dict[str, Any] | None = KERAS_SEED_AUGMENT,
         augment_on: str = "batch",
         appearance: dict[str, float] | None = None,
+        acquisition: dict[str, Any] | None = None,
         balanced_sampler: bool = False,
         skip_bad_images: bool = False,
         cache: bool = True,
@@ -125,6 +127,12 @@ class XRayDataModule(LightningDataModule):
         self.appearance = dict(appearance) if appearance else None
         if self.appearance:
             check_appearance(self.appearance)
+        self.acquisition = None
+        if acquisition:
+            try:  # synthetic text, markers, collimation and padding on films of both classes
+                self.acquisition = AcquisitionAugment(**acquisition)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"data.acquisition: {err}") from None
         self.balanced_sampler = balanced_sampler
         self.skip_bad_images = skip_bad_images
         self.cache = cache
@@ -321,6 +329,8 @@ class XRayDataModule(LightningDataModule):
         images, labels, index = batch
         images = rescale(images)  # the affine is linear, so rescaling first gives the same result
         training = self.trainer is not None and self.trainer.training
+        if training and self.acquisition is not None:  # part of the film: before the geometric augmentation
+            images = self.acquisition(images)
         if training and self.augment and self.augment_on == "batch":
             params = sample_keras_params(
                 images.shape[0],

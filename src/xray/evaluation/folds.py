@@ -22,7 +22,13 @@ from torch import Tensor
 
 from xray.evaluation.calibration import apply_temperature, fit_temperature, log_loss
 from xray.evaluation.metrics import THRESHOLD_RULES, choose_threshold, classification_metrics, evaluate
-from xray.evaluation.shifts import shift_metrics, shift_youden_threshold
+from xray.evaluation.shifts import (
+    TEMPERATURE_SOURCES,
+    counterfactual_changes,
+    shift_metrics,
+    shift_temperature,
+    shift_youden_threshold,
+)
 
 PREDICTIONS_FILE = "val_predictions.csv"
 SHIFT_PREDICTIONS_FILE = "val_shift_predictions.csv"
@@ -282,9 +288,16 @@ def aggregate(
     target_sensitivity: float = 0.95,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    temperature_on: str = "clean",
 ) -> dict[str, Any]:
     """Pooled out-of-fold metrics at one temperature and threshold fitted on all OOF predictions (not
-    on one small fold, as each run's were), plus per-fold rows: what ``cv_metrics.json`` holds."""
+    on one small fold, as each run's were), plus per-fold rows: what ``cv_metrics.json`` holds. The
+    temperature is fitted on the clean OOF logits, or on them pooled with their shifted copies
+    (``temperature_on="shifts"``)."""
+    if temperature_on not in TEMPERATURE_SOURCES:
+        raise CVError(
+            f"unknown temperature source {temperature_on!r}; expected one of {list(TEMPERATURE_SOURCES)}"
+        )
     if threshold_rule not in CV_THRESHOLD_RULES:
         raise CVError(
             f"unknown threshold rule {threshold_rule!r}; expected one of {list(CV_THRESHOLD_RULES)}"
@@ -308,12 +321,17 @@ def aggregate(
     logits = torch.cat([r.predictions.logits for r in runs])
     labels = torch.cat([r.predictions.labels for r in runs])
     run_probs = torch.cat([r.predictions.probs for r in runs])
-    temperature = fit_temperature(logits, labels)
-    probs = apply_temperature(logits, temperature)
     shifted = _pooled_shifts(runs)
     if shifted is not None:
         shift_labels = next(iter(shifted.values()))[0]  # every shift scores the same images
         shift_logits = {k: z for k, (_, z) in shifted.items()}
+    if temperature_on == "shifts":
+        if shifted is None:
+            raise CVError("temperature on shifts needs every run's val_shift_predictions.csv")
+        temperature = shift_temperature(shift_logits, shift_labels)
+    else:
+        temperature = fit_temperature(logits, labels)
+    probs = apply_temperature(logits, temperature)
     if threshold_rule == "shift_youden":
         if shifted is None:
             raise CVError("--threshold-rule shift_youden needs every run's val_shift_predictions.csv")
@@ -341,10 +359,11 @@ def aggregate(
         "pooled_temperature": cal(pooled["log_loss"], pooled["at_threshold"], temperature=temperature),
     }
 
-    pooled_shift = None
+    pooled_shift = pooled_counterfactual = None
     if shifted is not None:
         shift_logits = {k: z.float() for k, z in shift_logits.items()}
         pooled_shift = shift_metrics(shift_logits, shift_labels, threshold, temperature)
+        pooled_counterfactual = counterfactual_changes(shift_logits, shift_labels, threshold, temperature)
 
     folds: list[dict[str, Any]] = []
     for run in runs:
@@ -378,8 +397,10 @@ def aggregate(
         "target_sensitivity": float(target_sensitivity) if threshold_rule == "sensitivity" else None,
         "threshold": float(threshold),
         "temperature": float(temperature),
+        "temperature_on": temperature_on,
         "pooled": pooled,
         "pooled_shift": pooled_shift,
+        "pooled_counterfactual": pooled_counterfactual or None,
         "calibration": calibration,
         "folds": folds,
         "fold_summary": {

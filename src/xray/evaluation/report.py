@@ -181,6 +181,31 @@ def render_shift_table(
     return "\n".join(lines) + "\n"
 
 
+def render_counterfactual_table(rows: Mapping[str, Mapping[str, float]], *, threshold: float) -> str:
+    """The counterfactual check as a table: per acquisition shift and class, how far the calibrated logit
+    moves when the cue is added (mean |change| and mean change) and the share of calls that flip."""
+    header = ["shift"] + [
+        f"{c} {what}" for c in CLASSES for what in ("mean abs change", "mean change", "flipped")
+    ]
+    body = []
+    for name, row in rows.items():
+        cells = [name]
+        for c in CLASSES:
+            values = [row[f"{c}_{k}"] for k in ("abs_change", "mean_change", "flipped")]
+            if any(math.isnan(v) for v in values):  # no film of this class among the shifted ones
+                cells += ["–"] * 3
+                continue
+            cells += [f"{values[0]:.2f}", f"{values[1]:+.2f}", f"{_pct(values[2])}%"]
+        body.append([f"**{c}**" for c in cells] if name == "mean" else cells)
+    lines = [
+        "The same films with and without an acquisition cue (burned-in text, markers, collimation, shutters,"
+        f" padding): change of the calibrated logit from the clean film, and calls flipped at {threshold:.3f}.",
+        "",
+        *md_table(header, body),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _confusion(m: Mapping[str, Any]) -> str:
     return "/".join(str(m.get(k, "?")) for k in ("tn", "fp", "fn", "tp"))
 
@@ -269,6 +294,14 @@ def render_report(
         ]
     if results.get("val_shift"):
         lines += ["## Shift validation", "", render_shift_table(results["val_shift"]), ""]
+    if results.get("val_counterfactual"):
+        threshold = results["val"]["threshold"]
+        lines += [
+            "## Counterfactual check (acquisition cues)",
+            "",
+            render_counterfactual_table(results["val_counterfactual"], threshold=threshold),
+            "",
+        ]
 
     lines += [
         "## Published anchors (official 624-image test split)",
@@ -461,8 +494,9 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
         "## Operating point and calibration",
         "",
         f"- Threshold: **{t4}**, rule {rule}, chosen on the pooled calibrated out-of-fold probabilities.",
-        f"- Temperature: **{temp}**, fitted once on the pooled out-of-fold logits "
-        f"({_confidence(result['temperature'])}).",
+        f"- Temperature: **{temp}**, fitted once on the pooled out-of-fold logits"
+        + (" and their shifted copies" if result.get("temperature_on") == "shifts" else "")
+        + f" ({_confidence(result['temperature'])}).",
         "",
     ]
     cal_rows = [
@@ -479,6 +513,13 @@ def render_cv_report(result: Mapping[str, Any]) -> str:
             "## Pooled shift validation (out-of-fold images under acquisition shifts)",
             "",
             render_shift_table(result["pooled_shift"], threshold=t),
+            "",
+        ]
+    if result.get("pooled_counterfactual"):
+        lines += [
+            "## Counterfactual check (out-of-fold images with and without acquisition cues)",
+            "",
+            render_counterfactual_table(result["pooled_counterfactual"], threshold=t),
             "",
         ]
 

@@ -20,7 +20,9 @@ from torch import Tensor
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from xray.evaluation.calibration import apply_temperature, log_loss
+from xray.core.constants import CLASSES
+from xray.data.acquisition import SHIFT_FAMILIES
+from xray.evaluation.calibration import apply_temperature, fit_temperature, log_loss
 from xray.evaluation.metrics import choose_threshold, classification_metrics
 
 METRICS: tuple[str, ...] = (
@@ -159,11 +161,17 @@ _SHIFT_FNS: dict[str, _Shift] = {
     "zoom_in": _zoom_in,
     "zoom_out": _zoom_out,
     "rotate": _rotate,
+    # acquisition cues that carry no label (xray.data.acquisition): burned-in text and markers, tight
+    # collimation, shutters and padding; last, so the earlier shifts keep their seeds
+    **SHIFT_FAMILIES,
 }
 SHIFTS: tuple[str, ...] = tuple(_SHIFT_FNS)  # fixed order: the index is part of each image's seed
+ACQUISITION_SHIFTS: tuple[str, ...] = tuple(SHIFT_FAMILIES)
+"""The shifts that add or remove an acquisition cue (the counterfactual check reads these)."""
 
 
-def _check_names(names: Iterable[str]) -> None:
+def check_names(names: Iterable[str]) -> None:
+    """ValueError naming every unknown shift and the valid ones."""
     unknown = [name for name in names if name not in _SHIFT_FNS]
     if unknown:
         raise ValueError(f"unknown shift(s) {unknown}; valid shifts: {', '.join(SHIFTS)}")
@@ -172,7 +180,7 @@ def _check_names(names: Iterable[str]) -> None:
 def apply_shift(images: Tensor, name: str, indices: Sequence[int] | Tensor, seed: int = 0) -> Tensor:
     """Apply shift ``name`` to uint8 ``(B,1,H,W)`` images whose global indices are ``indices`` (which,
     with ``seed``, seed each image's magnitudes)."""
-    _check_names([name])
+    check_names([name])
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(
             f"expected uint8 images of shape (B,1,H,W), got {images.dtype} {tuple(images.shape)}"
@@ -200,7 +208,7 @@ def shift_logits(
 ) -> dict[str, Tensor]:
     """Logits ``(N,)`` (float32, CPU) of ``logits_fn`` (given float ``(b,1,H,W)`` in [0,1]) on the clean
     images, key ``"clean"`` first, then under each of ``shifts``."""
-    _check_names(shifts)
+    check_names(shifts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = images.shape[0]
@@ -239,6 +247,18 @@ def shift_youden_threshold(
     return choose_threshold(probs, labels.reshape(-1).repeat(len(logits_by_shift)), rule="youden")
 
 
+TEMPERATURE_SOURCES: tuple[str, ...] = ("clean", "shifts")
+"""What a temperature is fitted on: the clean validation logits, or those pooled with their shifted copies."""
+
+
+def shift_temperature(logits_by_shift: dict[str, Tensor], labels: Tensor) -> float:
+    """Temperature fitted on the clean and shifted validation logits pooled (``temperature_on=shifts``):
+    clean validation of this data is nearly separable, so a temperature fitted on it alone sharpens
+    probabilities that a changed acquisition then makes confidently wrong."""
+    pooled = torch.cat([z.reshape(-1) for z in logits_by_shift.values()])
+    return fit_temperature(pooled, labels.reshape(-1).repeat(len(logits_by_shift)))
+
+
 def shift_metrics(
     logits_by_shift: dict[str, Tensor], labels: Tensor, threshold: float, temperature: float = 1.0
 ) -> dict[str, dict[str, float]]:
@@ -255,6 +275,43 @@ def shift_metrics(
     if shifted:
         rows["mean"] = {m: sum(r[m] for r in shifted) / len(shifted) for m in METRICS}
         rows["worst"] = {m: (max if m in _LOWER_IS_BETTER else min)(r[m] for r in shifted) for m in METRICS}
+    return rows
+
+
+COUNTERFACTUAL_COLUMNS: tuple[str, ...] = ("abs_change", "mean_change", "flipped")
+
+
+def counterfactual_changes(
+    logits_by_shift: dict[str, Tensor], labels: Tensor, threshold: float, temperature: float = 1.0
+) -> dict[str, dict[str, float]]:
+    """The counterfactual check: the same film with and without an acquisition cue. Per acquisition shift
+    present and per class (``NORMAL_*``, ``PNEUMONIA_*``): the mean |change| and mean change of the
+    calibrated logit (logit / temperature, what the probability is made of) from the clean film, and the
+    share of decisions at ``threshold`` that flip; a ``"mean"`` row over those shifts. A model that reads
+    the lungs moves by little and flips nothing."""
+    if "clean" not in logits_by_shift:
+        raise ValueError("the counterfactual check needs the clean logits (key 'clean')")
+    clean = logits_by_shift["clean"].double().reshape(-1) / temperature
+    labels = labels.reshape(-1)
+    cut = (
+        math.log(threshold / (1 - threshold))
+        if 0 < threshold < 1
+        else math.copysign(math.inf, threshold - 0.5)
+    )
+    rows: dict[str, dict[str, float]] = {}
+    for name in (k for k in ACQUISITION_SHIFTS if k in logits_by_shift):
+        shifted = logits_by_shift[name].double().reshape(-1) / temperature
+        row: dict[str, float] = {}
+        for label, cls in enumerate(CLASSES):
+            keep = labels == label
+            change = (shifted - clean)[keep]
+            flipped = (shifted[keep] >= cut) != (clean[keep] >= cut)
+            row[f"{cls}_abs_change"] = float(change.abs().mean()) if keep.any() else math.nan
+            row[f"{cls}_mean_change"] = float(change.mean()) if keep.any() else math.nan
+            row[f"{cls}_flipped"] = float(flipped.double().mean()) if keep.any() else math.nan
+        rows[name] = row
+    if rows:
+        rows["mean"] = {k: sum(r[k] for r in rows.values()) / len(rows) for k in next(iter(rows.values()))}
     return rows
 
 

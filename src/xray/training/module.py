@@ -22,6 +22,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
+from xray.core.checkpoint_io import CheckpointError, load_checkpoint_file
 from xray.core.config_checks import is_num, require
 from xray.core.constants import CHECKPOINT_KEY, CLASSES
 from xray.core.errors import UserError
@@ -107,6 +108,21 @@ class FiniteLossGuard:
             raise self.error
 
 
+def load_net_weights(net: nn.Module, path: str) -> None:
+    """Start from the network weights of an xray checkpoint (fine-tuning a trained model under a new
+    recipe); read through the safe loader, and only a network of the same architecture fits."""
+    checkpoint = load_checkpoint_file(path)
+    state = {k[len("net.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("net.")}
+    if not state:
+        raise CheckpointError(f"{path}: model.init_from needs an xray checkpoint with network weights")
+    try:
+        net.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state.items()})
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: model.init_from: its weights do not fit model.net ({str(err).splitlines()[0][:200]})"
+        ) from None
+
+
 class XRayClassifier(LightningModule):
     """NORMAL (0) vs PNEUMONIA (1) from one grayscale channel."""
 
@@ -123,6 +139,7 @@ class XRayClassifier(LightningModule):
         compile: bool = False,
         tta: bool = False,
         threshold: float = 0.5,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         require(
@@ -145,6 +162,8 @@ class XRayClassifier(LightningModule):
         )
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
+        if init_from is not None:
+            load_net_weights(self.net, init_from)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.threshold = float(threshold)

@@ -23,7 +23,16 @@ from xray.evaluation.calibration import apply_temperature, fit_temperature, log_
 from xray.evaluation.folds import PREDICTIONS_FILE, SHIFT_PREDICTIONS_FILE
 from xray.evaluation.metrics import choose_threshold, classification_metrics, evaluate
 from xray.evaluation.report import write_metrics_json, write_plots, write_report
-from xray.evaluation.shifts import log_shift_metrics, shift_logits, shift_metrics, shift_youden_threshold
+from xray.evaluation.shifts import (
+    SHIFTS,
+    check_names,
+    counterfactual_changes,
+    log_shift_metrics,
+    shift_logits,
+    shift_metrics,
+    shift_temperature,
+    shift_youden_threshold,
+)
 from xray.inference.checkpoints import update_checkpoint_meta
 from xray.inference.ood import DEFAULT_ACCEPTANCE, DEFAULT_COMPONENTS, fit_network, stratified_subsample
 
@@ -68,6 +77,11 @@ def instantiate_list(section: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the metrics written to metrics.json."""
     validate_config(cfg)
+    if cfg.evaluation.get("shift_names"):
+        try:
+            check_names(cfg.evaluation.shift_names)
+        except ValueError as err:
+            raise ConfigError(f"evaluation.shift_names: {err}") from None
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     output_dir = Path(cfg.paths.output_dir)
@@ -128,12 +142,12 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     trainer.validate(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
     _, labels, index = model.collected()
     logits = model.collected_logits()
-    model.temperature = fit_temperature(logits, labels) if ev.get("temperature", True) else 1.0
-    probs = apply_temperature(logits, model.temperature)
-    extras["val"] = (probs, labels, index)
     shifted, shift_labels = (
         shift_validation_logits(model, datamodule, index, labels, ev) if ev.get("shifts") else (None, None)
     )
+    model.temperature = fit_run_temperature(logits, labels, shifted, shift_labels, ev)
+    probs = apply_temperature(logits, model.temperature)
+    extras["val"] = (probs, labels, index)
     rule = str(ev.threshold_rule)
     if rule == "shift_youden" and shifted is None:
         raise ValueError("evaluation.threshold_rule=shift_youden needs evaluation.shifts=true")
@@ -157,6 +171,9 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
     }
     if shifted is not None:
         results["val_shift"] = shift_metrics(shifted, shift_labels, model.threshold, model.temperature)
+        results["val_counterfactual"] = counterfactual_changes(
+            shifted, shift_labels, model.threshold, model.temperature
+        )
         log_shift_metrics(results["val_shift"], trainer.loggers, step=trainer.global_step)
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
@@ -170,6 +187,22 @@ def evaluate_splits(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule:
             probs, labels, model.threshold, n_boot=ev.n_bootstrap, seed=ev.bootstrap_seed
         )
     return results, extras
+
+
+def fit_run_temperature(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    shifted: dict[str, torch.Tensor] | None,
+    shift_labels: torch.Tensor | None,
+    ev: DictConfig,
+) -> float:
+    """The run's temperature: 1.0 when ``evaluation.temperature`` is off; fitted on the clean validation
+    logits, or on them pooled with their shifted copies (``evaluation.temperature_on=shifts``)."""
+    if not ev.get("temperature", True):
+        return 1.0
+    if ev.get("temperature_on", "clean") == "shifts" and shifted is not None and shift_labels is not None:
+        return shift_temperature(shifted, shift_labels)  # validate_config made sure shifts ran
+    return fit_temperature(logits, labels)
 
 
 def split_meta(datamodule: Any) -> dict[str, Any]:
@@ -230,6 +263,7 @@ def shift_validation_logits(
             images,
             seed=int(ev.get("shift_seed", 0)),
             batch_size=int(datamodule.batch_size),
+            shifts=list(ev.get("shift_names") or SHIFTS),
         )
         return shifted, labels[order]
     finally:
