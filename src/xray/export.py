@@ -9,6 +9,7 @@ from xray.cli import hydra_entry
 from xray.core.config_checks import ConfigError
 from xray.inference.export import check_format, export_model, verify_export
 from xray.inference.predictor import load_predictor
+from xray.inference.site import check_site_profile, load_site_profile
 
 
 def run_export(cfg: Any) -> int:
@@ -18,17 +19,24 @@ def run_export(cfg: Any) -> int:
     if tta is not None and not isinstance(tta, bool):
         raise ConfigError(f"tta must be true, false or null (checkpoint's), got {tta!r}")
     predictor = load_predictor(str(cfg.ckpt), cfg.log_dir)
+    site = load_site_profile(str(cfg.site)) if cfg.get("site") else None
+    if site is not None:  # the exported JSON describes the encoding step: the profile's logits need it
+        check_site_profile(site, predictor, tta=tta, match_encoding=True)
     output = cfg.get("output") or ("model.onnx" if fmt == "onnx" else "model.pt")
     if predictor.ood_stats is None and ood:
         print(
             "note: the checkpoint has no OOD statistics: no ood_score output (python -m xray.ood fits them)"
         )
-    path, meta_path = export_model(predictor, output, fmt, tta=tta, ood=ood, opset=int(cfg.opset), cfg=cfg)
+    path, meta_path = export_model(
+        predictor, output, fmt, tta=tta, ood=ood, opset=int(cfg.opset), cfg=cfg, site=site
+    )
     print(f"checkpoint: {predictor.source}")
+    if site is not None:
+        print(f"site profile: {site.summary()}; in the graph's prob_pneumonia and the JSON's threshold")
     print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB, {fmt}); preprocessing and labels: {meta_path}")
     if cfg.get("verify", True):
         try:
-            diff = verify_export(predictor, path, fmt, tta, ood)
+            diff = verify_export(predictor, path, fmt, tta, ood, site)
         except ImportError:
             print('verify: skipped (onnxruntime is not installed: pip install -e ".[export]")')
         else:

@@ -16,12 +16,14 @@ Every failure is an :class:`ImageReadError` (a ``ValueError``) ``"<path>: <reaso
 decompression bombs (over ``PIL.Image.MAX_IMAGE_PIXELS``, checked from the header); no raw Pillow or
 pydicom exception escapes. Truncated files fail here: ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` must stay
 False (a ``RuntimeError`` otherwise). :func:`probe_image` is a cheap header-level check;
-:func:`read_image` is the authority.
+:func:`read_image` is the authority. :func:`read_image_bytes` reads a file held in memory (a server's
+upload) through the same steps.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import re
 import warnings
@@ -101,18 +103,30 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
 
 def read_image_info(path: str | os.PathLike[str]) -> tuple[torch.Tensor, ImageInfo]:
     """:func:`read_image` plus the file's :class:`ImageInfo` (size, frame count), from the same decode."""
+    p = Path(os.fspath(path))
+    return _read(p, p)
+
+
+def read_image_bytes(data: bytes, name: str) -> tuple[torch.Tensor, ImageInfo]:
+    """:func:`read_image_info` of a file held in memory (an upload): the same checks, decoders and
+    reasons, and nothing written to disk. ``name`` stands in for the path: its extension picks DICOM as
+    a path's would, and an :class:`ImageReadError` reads ``"<name>: <reason>"``."""
+    return _read(Path(name), bytes(data))
+
+
+def _read(p: Path, source: Path | bytes) -> tuple[torch.Tensor, ImageInfo]:
+    """Decode ``source`` (the file ``p`` or, as bytes, its content) into the uint8 film and its info."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: truncated images would be read "
             "silently; xray.data.io.read_image refuses to run. Do not set it."
         )
-    p = Path(os.fspath(path))
     try:
-        header = _check_file(p)
+        header = _check_file(p) if isinstance(source, Path) else _check_bytes(source)
         if _is_dicom(p, header):
-            arr, frames, fmt = _read_dicom(p, has_preamble=header[128:132] == b"DICM")
+            arr, frames, fmt = _read_dicom(source, has_preamble=header[128:132] == b"DICM")
         else:
-            arr, frames, fmt = _read_raster(p)
+            arr, frames, fmt = _read_raster(source)
     except _Reason as err:
         raise ImageReadError(p, str(err)) from err.__cause__
     except (ImageReadError, *_FATAL):
@@ -173,6 +187,23 @@ def _check_file(p: Path) -> bytes:
             return fh.read(132)
     except OSError as err:
         raise _Reason(f"cannot read file: {err.strerror or err}") from None
+
+
+def _check_bytes(data: bytes) -> bytes:
+    """:func:`_check_file` for a file held in memory: the first 132 bytes, or why there are none."""
+    if not data:
+        raise _Reason("empty file (0 bytes)")
+    return data[:132]
+
+
+@contextmanager
+def _binary(source: Path | bytes) -> Iterator[BinaryIO]:
+    """The file opened for reading, or the bytes of one held in memory."""
+    if isinstance(source, Path):
+        with open(source, "rb") as fh:
+            yield fh
+    else:
+        yield io.BytesIO(source)
 
 
 def _is_dicom(p: Path, header: bytes) -> bool:
@@ -262,8 +293,8 @@ def _frame_count(img: Image.Image) -> int:
         return 1
 
 
-def _read_raster(p: Path) -> tuple[np.ndarray, int, str]:
-    with open(p, "rb") as fh, _open_pil(fh) as img:
+def _read_raster(source: Path | bytes) -> tuple[np.ndarray, int, str]:
+    with _binary(source) as fh, _open_pil(fh) as img:
         fmt = img.format or "image"
         with _reason_for(f"truncated or corrupt {fmt}"):
             try:
@@ -314,21 +345,21 @@ def _minmax_uint8(values: np.ndarray, what: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- DICOM
 
 
-def _dcmread(p: Path, has_preamble: bool, lazy: bool):
+def _dcmread(source: Path | bytes, has_preamble: bool, lazy: bool):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     kwargs = {"defer_size": "64 KB"} if lazy else {}
     with _reason_for("corrupt DICOM file"):
         try:
-            return pydicom.dcmread(p, force=False, **kwargs)
+            return pydicom.dcmread(_dicom_source(source), force=False, **kwargs)
         except InvalidDicomError:
             if has_preamble:
                 raise
     # A .dcm/.dicom file without the 128-byte preamble and 'DICM' marker: old files are written
     # like that; read it forced, but anything without pixel data is reported as "not DICOM".
     with _reason_for("not a DICOM file"):
-        ds = pydicom.dcmread(p, force=True, **kwargs)
+        ds = pydicom.dcmread(_dicom_source(source), force=True, **kwargs)
         if "PixelData" not in ds:
             raise ValueError("no 'DICM' marker and no pixel data")
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -364,8 +395,13 @@ def _check_dicom_dataset(ds) -> None:
             )
 
 
-def _read_dicom(p: Path, has_preamble: bool) -> tuple[np.ndarray, int, str]:
-    ds = _dcmread(p, has_preamble, lazy=False)
+def _dicom_source(source: Path | bytes) -> Path | BinaryIO:
+    """What pydicom reads: the path, or a fresh in-memory file for each attempt."""
+    return source if isinstance(source, Path) else io.BytesIO(source)
+
+
+def _read_dicom(source: Path | bytes, has_preamble: bool) -> tuple[np.ndarray, int, str]:
+    ds = _dcmread(source, has_preamble, lazy=False)
     _check_dicom_dataset(ds)
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)

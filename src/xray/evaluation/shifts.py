@@ -50,7 +50,7 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _generator(seed: int, shift_index: int, image_index: int) -> torch.Generator:
+def seeded_generator(seed: int, shift_index: int, image_index: int) -> torch.Generator:
     """CPU generator for one (seed, shift, image): independent of batching."""
     h = _mix64(seed & _MASK64)
     h = _mix64(h ^ (shift_index & _MASK64))
@@ -194,7 +194,7 @@ def apply_shift(images: Tensor, name: str, indices: Sequence[int] | Tensor, seed
     fn = _SHIFT_FNS[name]
     out = torch.empty_like(images)
     for row, index in enumerate(index_list):
-        shifted = fn(images[row].float(), _generator(seed, shift_index, index))
+        shifted = fn(images[row].float(), seeded_generator(seed, shift_index, index))
         out[row] = shifted.round().clamp(0, 255).to(torch.uint8)
     return out
 

@@ -23,6 +23,7 @@ from xray.core.config_checks import ConfigError
 from xray.core.constants import CLASSES
 from xray.inference.ood import logits_and_features
 from xray.inference.predictor import Predictor
+from xray.inference.site import SiteProfile
 
 EXPORT_FORMAT = 1
 FORMATS = ("onnx", "torchscript")
@@ -30,9 +31,12 @@ OUTPUT_NAMES = ("prob_pneumonia", "logit", "ood_score")
 
 
 class ExportedPredictor(nn.Module):
-    """A :class:`~xray.inference.predictor.Predictor` as one module: image in, probability (+ logit, OOD score) out."""
+    """A :class:`~xray.inference.predictor.Predictor` as one module: image in, probability (+ logit, OOD score) out.
+    With a site profile, ``prob_pneumonia`` is the site's: ``sigmoid(logit / T_site + offset)``."""
 
-    def __init__(self, predictor: Predictor, tta: bool | None = None, ood: bool = True) -> None:
+    def __init__(
+        self, predictor: Predictor, tta: bool | None = None, ood: bool = True, site: SiteProfile | None = None
+    ) -> None:
         super().__init__()
         if len(predictor.preprocessing) != 1:
             raise ConfigError(
@@ -41,7 +45,8 @@ class ExportedPredictor(nn.Module):
             )
         self.nets = nn.ModuleList([m.net.float().eval() for m in predictor.members])
         self.ttas = [m.tta if tta is None else bool(tta) for m in predictor.members]
-        self.temperature = float(predictor.temperature)
+        self.temperature = float(predictor.temperature if site is None else site.temperature)
+        self.offset = 0.0 if site is None else float(site.offset)
         self.stats = predictor.ood_stats if ood else None
         self.with_ood = self.stats is not None
         self.output_names = list(OUTPUT_NAMES if self.with_ood else OUTPUT_NAMES[:2])
@@ -49,15 +54,40 @@ class ExportedPredictor(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         outputs = [logits_and_features(net, image, self.ttas[k]) for k, net in enumerate(self.nets)]
         logit = torch.stack([z for z, _ in outputs]).mean(0)
-        prob = torch.sigmoid(logit / self.temperature)
+        scaled = logit / self.temperature
+        prob = torch.sigmoid(scaled if self.offset == 0.0 else scaled + self.offset)
         if self.stats is None:
             return prob, logit
         scores = [s.score(f) for s, (_, f) in zip(self.stats, outputs, strict=True)]
         return prob, logit, torch.stack(scores).mean(0).float()
 
 
+def _site_section(predictor: Predictor, site: SiteProfile | None) -> dict[str, Any] | None:
+    """The applied site profile, for the JSON: which one, and what it replaced."""
+    if site is None:
+        return None
+    return {
+        "profile": site.path.name if site.path is not None else None,
+        "label": site.label,
+        "fingerprint": site.fingerprint,
+        "created": site.data.get("created"),
+        "temperature": site.temperature,
+        "offset": site.offset,
+        "threshold": site.threshold,
+        "prevalence": site.prevalence,
+        "in_graph": "prob_pneumonia = sigmoid(logit / temperature + offset); logit stays the raw mean logit",
+        "model_temperature": float(predictor.temperature),
+        "model_threshold": float(predictor.threshold),
+    }
+
+
 def export_metadata(
-    predictor: Predictor, module: ExportedPredictor, model_file: str, fmt: str, cfg: Any
+    predictor: Predictor,
+    module: ExportedPredictor,
+    model_file: str,
+    fmt: str,
+    cfg: Any,
+    site: SiteProfile | None = None,
 ) -> dict[str, Any]:
     """The JSON a deployment reads beside the model: how to prepare the input and read the outputs."""
     size, interpolation, encoding = predictor.preprocessing[0]
@@ -87,8 +117,9 @@ def export_metadata(
             "rescale": 1.0 / 255.0,
             "tta": "inside the graph" if any(module.ttas) else "none",
         },
-        "threshold": float(predictor.threshold),
-        "temperature": float(predictor.temperature),
+        "threshold": float(predictor.threshold if site is None else site.threshold),
+        "temperature": float(predictor.temperature if site is None else site.temperature),
+        "site": _site_section(predictor, site),
         "labels": {str(i): name for i, name in enumerate(CLASSES)},
         "decision": f"{CLASSES[1]} when prob_pneumonia >= threshold, else {CLASSES[0]}",
         "ood": None
@@ -141,12 +172,14 @@ def export_model(
     ood: bool = True,
     opset: int = 17,
     cfg: Any = None,
+    site: SiteProfile | None = None,
 ) -> tuple[Path, Path]:
-    """Write the model file and its JSON (``<output>.json``); returns both paths."""
+    """Write the model file and its JSON (``<output>.json``); returns both paths. ``site``: a checked site
+    profile folded into ``prob_pneumonia`` and the JSON's threshold."""
     check_format(fmt)
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
-    module = ExportedPredictor(predictor, tta=tta, ood=ood).eval()
+    module = ExportedPredictor(predictor, tta=tta, ood=ood, site=site).eval()
     example = _seeded_images(predictor, 2, seed=0)
     names = module.output_names
     if fmt == "onnx":
@@ -176,7 +209,7 @@ def export_model(
     finally:
         if tmp.exists():
             tmp.unlink()
-    meta = export_metadata(predictor, module, output.name, fmt, cfg or {})
+    meta = export_metadata(predictor, module, output.name, fmt, cfg or {}, site=site)
     meta_path = output.with_name(output.name + ".json")
     meta_path.write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return output, meta_path
@@ -196,9 +229,11 @@ def run_exported(path: str | os.PathLike[str], images: Tensor, fmt: str = "onnx"
     return dict(zip(OUTPUT_NAMES, values, strict=False))
 
 
-def verify_export(predictor: Predictor, path: Path, fmt: str, tta: bool | None, ood: bool) -> float:
+def verify_export(
+    predictor: Predictor, path: Path, fmt: str, tta: bool | None, ood: bool, site: SiteProfile | None = None
+) -> float:
     """Max |difference| of every output between the written file and PyTorch on a seeded batch."""
-    module = ExportedPredictor(predictor, tta=tta, ood=ood).eval()
+    module = ExportedPredictor(predictor, tta=tta, ood=ood, site=site).eval()
     images = _seeded_images(predictor, 3, seed=1)
     with torch.no_grad():
         expected = dict(zip(OUTPUT_NAMES, module(images), strict=False))

@@ -12,9 +12,9 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +34,9 @@ from xray.evaluation.metrics import classification_metrics
 from xray.evaluation.report import write_metrics_json
 from xray.inference.checkpoints import LoadedModel
 from xray.inference.gradcam import GradCam
-from xray.inference.ood import combine_scores, logits_and_features
+from xray.inference.ood import FeatureGaussian, combine_scores, logits_and_features
 from xray.inference.predictor import Predictor, load_predictor
+from xray.inference.site import SiteProfile, apply_site, check_site_profile, load_site_profile
 from xray.models import flip_tta_logits
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 3  # some files could not be read (their rows carry the reason)
 
 CSV_COLUMNS = ("path", "prob_pneumonia", "label", "threshold", "ood_score", "warning", "error")
+SITE_COLUMN = "site"  # appended to CSV_COLUMNS when a site profile was applied (site=)
 _GLOB_CHARS = frozenset("*?[")
 
 WARNING_KINDS: dict[str, str] = {
@@ -104,6 +106,8 @@ class PredictionRow:
     gradcam: str | None = None
     ood_score: float | None = None  # None: no OOD statistics in the checkpoint, or an error row
     warnings: dict[str, str] = field(default_factory=dict)  # kind of WARNING_KINDS -> text
+    logit: float | None = None  # the members' mean raw logit (before any temperature); not in the CSV
+    site: str | None = None  # the site profile applied to this row (its label), the CSV's site column
 
     @property
     def ok(self) -> bool:
@@ -113,6 +117,37 @@ class PredictionRow:
     def warning(self) -> str:
         """The CSV's ``warning`` cell: every warning's text, ``; ``-separated."""
         return "; ".join(self.warnings[k] for k in WARNING_KINDS if k in self.warnings)
+
+
+def prediction_row(
+    path: str,
+    prob: float | None,
+    threshold: float,
+    *,
+    error: str | None = None,
+    ood_score: float | None = None,
+    info: ImageInfo | None = None,
+    ood_threshold: float = 1.0,
+    limits: WarningLimits = WarningLimits(),
+    gradcam: str | None = None,
+) -> PredictionRow:
+    """One input's row, as predict.py and the server both give it: the label at ``threshold`` and the
+    warnings when it has a probability, else ``error`` (``not predicted`` when none is given)."""
+    if prob is None:
+        return PredictionRow(
+            path, None, None, threshold, error=error or "not predicted", true_label=class_from_path(path)
+        )
+    return PredictionRow(
+        path=path,
+        prob_pneumonia=prob,
+        label=CLASSES[int(prob >= threshold)],
+        threshold=threshold,
+        error=error,
+        true_label=class_from_path(path),
+        gradcam=gradcam,
+        ood_score=ood_score,
+        warnings=input_warnings(info, ood_score, ood_threshold, limits),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -167,6 +202,20 @@ def class_from_path(path: str | os.PathLike[str]) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------- batching
+def prepare_image(
+    image: Tensor,
+    source: str | os.PathLike[str] | BinaryIO,
+    image_size: int,
+    interpolation: str,
+    source_encoding: SourceEncoding | None = None,
+) -> Tensor:
+    """A decoded film -> one member's uint8 (1,S,S) input: the training files' encoding first (unless
+    ``source``, the file or an in-memory copy of it, already has it), then the eval resize."""
+    if source_encoding is not None:
+        image = match_file_encoding(source, image, source_encoding)  # type: ignore[arg-type]  # a file object too
+    return resize_image(image, image_size, interpolation)
+
+
 class PredictDataset(Dataset):
     """Files through the eval preset; an unreadable file gives its reason instead of raising."""
 
@@ -188,9 +237,9 @@ class PredictDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor | str, int, ImageInfo | None]:
         try:
             image, info = read_image_info(self.paths[index])
-            if self.source_encoding is not None:
-                image = match_file_encoding(self.paths[index], image, self.source_encoding)
-            resized = resize_image(image, self.image_size, self.interpolation)
+            resized = prepare_image(
+                image, self.paths[index], self.image_size, self.interpolation, self.source_encoding
+            )
         except ImageReadError as err:
             return err.reason, index, None
         except Exception as err:  # one odd file must not take the other files of its batch down
@@ -231,6 +280,17 @@ def member_logits(net: nn.Module, images: Tensor, tta: bool) -> Tensor:
     return logits.float().reshape(-1)
 
 
+def member_outputs(
+    net: nn.Module, images: Tensor, tta: bool, stats: FeatureGaussian | None
+) -> tuple[Tensor, Tensor | None]:
+    """One member on a uint8 batch: its raw logits (B,) and, with OOD statistics, its OOD scores (B,),
+    from the same pass."""
+    if stats is None:
+        return member_logits(net, images, tta), None
+    logits, features = logits_and_features(net, rescale(images), tta)
+    return logits, stats.score(features.cpu())
+
+
 def _loader(dataset: PredictDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     return DataLoader(
         dataset,
@@ -242,7 +302,7 @@ def _loader(dataset: PredictDataset, batch_size: int, num_workers: int, device: 
     )
 
 
-def _preprocessing_groups(
+def preprocessing_groups(
     predictor: Predictor, match_encoding: bool = True
 ) -> list[tuple[tuple[int, str, SourceEncoding | None], list[int]]]:
     """Member indices per distinct preprocessing (one decode each). The first member's group comes
@@ -260,8 +320,13 @@ def _calibrated(logits: Tensor, seen: Tensor, rows: list[int], temperature: floa
     rows = [i for i in rows if bool(seen[i].all())]
     if not rows:
         return {}
-    probs = apply_temperature(logits[rows].mean(dim=1), temperature)
+    probs = calibrated_probabilities(logits[rows], temperature)
     return dict(zip(rows, probs.tolist(), strict=True))
+
+
+def calibrated_probabilities(logits: Tensor, temperature: float) -> Tensor:
+    """Member logits (B, members) -> P(PNEUMONIA) (B,): sigmoid of their mean over T."""
+    return apply_temperature(logits.mean(dim=1), temperature)
 
 
 def predict_files(
@@ -296,7 +361,7 @@ def predict_files(
     infos: dict[int, ImageInfo] = {}
     heatmaps: dict[int, str] = {}
     cam = GradCam(nets[0], Path(gradcam_dir)) if gradcam_dir is not None else None
-    groups = _preprocessing_groups(predictor, match_encoding)
+    groups = preprocessing_groups(predictor, match_encoding)
     with tqdm(total=len(paths) * len(groups), desc="Predicting", unit="img", disable=not progress) as bar:
         for (size, interpolation, encoding), members in groups:
             dataset = PredictDataset(paths, size, interpolation, encoding)
@@ -308,11 +373,11 @@ def predict_files(
                     images = images.to(target, non_blocking=True)
                     with torch.inference_mode():
                         for k in members:
-                            if stats is None:
-                                z = member_logits(nets[k], images, ttas[k])
-                            else:
-                                z, features = logits_and_features(nets[k], rescale(images), ttas[k])
-                                scores[index, k] = stats[k].score(features.cpu())
+                            z, member_scores = member_outputs(
+                                nets[k], images, ttas[k], None if stats is None else stats[k]
+                            )
+                            if member_scores is not None:
+                                scores[index, k] = member_scores
                             logits[index, k] = z.double().cpu()
                             seen[index, k] = True
                     if cam is not None and 0 in members:
@@ -324,24 +389,40 @@ def predict_files(
     rows = []
     for i, path in enumerate(paths):
         prob = probs.get(i)
-        error = errors.get(i, None if prob is not None else "not predicted")
         score = float(ood_scores[i]) if ood_scores is not None and prob is not None else None
         rows.append(
-            PredictionRow(
-                path=path,
-                prob_pneumonia=prob,
-                label=None if prob is None else CLASSES[int(prob >= threshold)],
-                threshold=threshold,
-                error=error,
-                true_label=class_from_path(path),
-                gradcam=heatmaps.get(i),
+            prediction_row(
+                path,
+                prob,
+                threshold,
+                error=errors.get(i),
                 ood_score=score,
-                warnings={}
-                if prob is None
-                else input_warnings(infos.get(i), score, predictor.ood_threshold, limits),
+                info=infos.get(i),
+                ood_threshold=predictor.ood_threshold,
+                limits=limits,
+                gradcam=heatmaps.get(i),
             )
         )
+        if prob is not None:
+            rows[-1].logit = float(logits[i].mean())  # what a site profile is applied to
     return rows
+
+
+def apply_site_to_rows(
+    rows: Sequence[PredictionRow], profile: SiteProfile, threshold: float | None = None
+) -> list[PredictionRow]:
+    """The rows with the site profile's probability and label (``threshold`` overrides the profile's),
+    each naming the profile; error rows keep their error."""
+    threshold = profile.threshold if threshold is None else float(threshold)
+    out = []
+    for row in rows:
+        if row.logit is None:
+            out.append(replace(row, threshold=threshold, site=profile.label))
+            continue
+        prob = float(apply_site(torch.tensor([row.logit], dtype=torch.float64), profile)[0][0])
+        label = CLASSES[int(prob >= threshold)]
+        out.append(replace(row, prob_pneumonia=prob, label=label, threshold=threshold, site=profile.label))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -350,7 +431,9 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Path:
-    """:data:`CSV_COLUMNS`; the prediction cells are empty on error rows."""
+    """:data:`CSV_COLUMNS` (+ :data:`SITE_COLUMN` when a site profile was applied); the prediction
+    cells are empty on error rows."""
+    with_site = any(row.site for row in rows)
     body = (
         [
             row.path,
@@ -360,10 +443,12 @@ def write_csv(rows: Sequence[PredictionRow], path: str | os.PathLike[str]) -> Pa
             _fmt(row.ood_score, ".4f"),
             row.warning,
             row.error or "",
+            *([row.site or ""] if with_site else []),
         ]
         for row in rows
     )
-    return atomic_write_csv(path, [CSV_COLUMNS, *body])
+    header = (*CSV_COLUMNS, SITE_COLUMN) if with_site else CSV_COLUMNS
+    return atomic_write_csv(path, [header, *body])
 
 
 def label_metrics(rows: Sequence[PredictionRow], threshold: float) -> dict[str, Any] | None:
@@ -417,10 +502,12 @@ def _check_settings(cfg: Any) -> None:
         raise ConfigError(f"tta must be true, false or null (checkpoint's), got {cfg.tta!r}")
     if not isinstance(cfg.get("ood", True), bool):
         raise ConfigError(f"ood must be true or false, got {cfg.ood!r}")
-    _warning_limits(cfg)
+    if cfg.get("site") is not None and not isinstance(cfg.site, str):
+        raise ConfigError(f"site must be the path of a site profile (site.json) or null, got {cfg.site!r}")
+    warning_limits(cfg)
 
 
-def _warning_limits(cfg: Any) -> WarningLimits:
+def warning_limits(cfg: Any) -> WarningLimits:
     """``warn.min_side`` (int >= 1) and ``warn.max_aspect`` (number >= 1) of the predict config."""
     warn = cfg.get("warn") or {}
     min_side = warn.get("min_side", WarningLimits.min_side)
@@ -449,7 +536,7 @@ def _ckpt_spec(value: Any) -> str | list[str]:
     return str(value)
 
 
-def _describe_preprocessing(predictor: Predictor, match_encoding: bool = True) -> str:
+def describe_preprocessing(predictor: Predictor, match_encoding: bool = True) -> str:
     """``image size 160px (bilinear) from 224x224 JPEG q75``; an ensemble lists each distinct one once."""
     sizes = [
         f"{size}px ({interp})"
@@ -492,11 +579,18 @@ def run_predict(cfg: Any) -> int:
     source = predictor.threshold_source if cfg.get("threshold") is None else "threshold="
     calibration = "" if predictor.temperature == 1.0 else f"; temperature {predictor.temperature:.4f}"
     match = bool(cfg.get("match_encoding", True))
+    profile = load_site_profile(cfg.site) if cfg.get("site") else None
+    if profile is not None:
+        check_site_profile(profile, predictor, tta=cfg.get("tta"), match_encoding=match)
+        log.info("site profile: %s", profile.summary())
+        if cfg.get("threshold") is None:
+            threshold, source = profile.threshold, f"site profile {profile.label}"
+        calibration = f"; site profile temperature {profile.temperature:.4f}, offset {profile.offset:+.3f}"
     log.info(
         "input: %s (%d files); %s; device %s; threshold %.4f (from %s)%s",
         input_spec,
         len(paths),
-        _describe_preprocessing(predictor, match),
+        describe_preprocessing(predictor, match),
         device,
         threshold,
         source,
@@ -520,26 +614,33 @@ def run_predict(cfg: Any) -> int:
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         device=device,
-        threshold=threshold,
+        threshold=threshold if profile is None else None,  # a profile relabels the rows below
         tta=cfg.get("tta"),
         progress=True,
         gradcam_dir=csv_path.parent / "gradcam" if cfg.get("gradcam") else None,
         ood=use_ood,
-        limits=_warning_limits(cfg),
+        limits=warning_limits(cfg),
         match_encoding=match,
     )
+    if profile is not None:
+        rows = apply_site_to_rows(rows, profile, threshold)
     write_csv(rows, csv_path)
     n_failed = sum(1 for r in rows if not r.ok)
     for line in format_table(rows, cfg.show):
         print(line)  # the table is the command's output (stdout); the status lines are logged
     log.info("predicted %d, failed %d (of %d files)", len(rows) - n_failed, n_failed, len(rows))
     log.info("%s", warning_summary(rows))
-    log.info("predictions: %s", csv_path)
+    log.info("predictions: %s%s", csv_path, f" (site profile {profile.label})" if profile else "")
     metrics = label_metrics(rows, threshold)
     if metrics is not None:
         metrics_path = write_metrics_json(
             csv_path.parent / "metrics.json",
-            {"checkpoint": predictor.source, "input": input_spec, **metrics},
+            {
+                "checkpoint": predictor.source,
+                "input": input_spec,
+                **metrics,
+                **({"site": {"profile": str(profile.path), "label": profile.label}} if profile else {}),
+            },
         )
         names = ("accuracy", "sensitivity", "specificity", "AUROC")
         scores = ", ".join(f"{name} {_fmt_metric(metrics[name.lower()])}" for name in names)
