@@ -33,7 +33,7 @@ from xray.evaluation.shifts import (
     shift_temperature,
     shift_youden_threshold,
 )
-from xray.inference.checkpoints import update_checkpoint_meta
+from xray.inference.checkpoints import BEST_NAME, update_checkpoint_meta
 from xray.inference.ood import DEFAULT_ACCEPTANCE, DEFAULT_COMPONENTS, fit_network, stratified_subsample
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,15 @@ def adopt_checkpoint(ckpt_path: str | None, output_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target
+
+
+def best_checkpoint_path(callbacks: list[Any]) -> Path | None:
+    """The file of the checkpoint named ``best_xray_model`` (by its monitor, or the end of training when
+    it has none, as a one-cycle fine-tune wants), else of the first monitored checkpoint."""
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    named = [c for c in checkpoints if c.filename == Path(BEST_NAME).stem]
+    checkpoint = next(iter(named), next((c for c in checkpoints if c.monitor), None))
+    return Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
 
 
 def instantiate_list(section: DictConfig | None) -> list[Any]:
@@ -104,8 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best_path = adopt_checkpoint(cfg.get("ckpt_path"), output_dir)
     else:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
-        best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
+        best_path = best_checkpoint_path(callbacks)
     results, extras = evaluate_splits(cfg, trainer, model, datamodule, best_path)
     if not trainer.is_global_zero:
         return results

@@ -1,4 +1,5 @@
-"""``model.init_from``: training starts from the network weights of an xray checkpoint (fine-tuning)."""
+"""Fine-tuning: ``model.init_from`` starts from an xray checkpoint's network weights, and a run without a
+monitored checkpoint keeps the end of training as its best."""
 
 from __future__ import annotations
 
@@ -53,3 +54,22 @@ def test_another_architecture_or_no_weights_is_a_clear_error(tmp_path: Path) -> 
         _classifier(make_net(32, seed=4), str(empty))
     with pytest.raises(CheckpointError, match="not found"):
         _classifier(make_net(32, seed=4), str(tmp_path / "missing.ckpt"))
+
+
+def test_the_best_checkpoint_is_the_named_one_even_without_a_monitor(tmp_path: Path) -> None:
+    """A one-cycle fine-tune keeps the end of training as best_xray_model (monitor: null)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from xray.training.run import best_checkpoint_path
+
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", monitor=None)
+    best = ModelCheckpoint(dirpath=tmp_path, filename="best_xray_model", monitor=None)
+    last.best_model_path, best.best_model_path = (
+        str(tmp_path / "last.ckpt"),
+        str(tmp_path / "best_xray_model.ckpt"),
+    )
+    assert best_checkpoint_path([last, best, object()]) == tmp_path / "best_xray_model.ckpt"
+    watched = ModelCheckpoint(dirpath=tmp_path, filename="epoch{epoch}", monitor="val/loss")
+    watched.best_model_path = str(tmp_path / "epoch3.ckpt")
+    assert best_checkpoint_path([last, watched]) == tmp_path / "epoch3.ckpt"
+    assert best_checkpoint_path([last]) is None
