@@ -441,6 +441,14 @@ class SiteOptions:
     seed: int = 0
     min_per_class: int = MIN_PER_CLASS
 
+    def fit_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`fit_batch` these options set."""
+        return {
+            "alpha": self.alpha,
+            "prevalence": self.prevalence,
+            "target_sensitivity": self.target_sensitivity,
+        }
+
 
 def _masks(labels: Tensor) -> tuple[Tensor, Tensor]:
     labelled = labels >= 0
@@ -459,9 +467,7 @@ def fit_site(
         w_lab,
         w_unl,
         model,
-        alpha=options.alpha,
-        prevalence=options.prevalence,
-        target_sensitivity=options.target_sensitivity,
+        **options.fit_settings(),
     )
     return SiteFit.from_batch(batch)
 
@@ -484,9 +490,7 @@ def bootstrap_fit(
         counts * labelled,
         counts * (1 - labelled),
         model,
-        alpha=options.alpha,
-        prevalence=options.prevalence,
-        target_sensitivity=options.target_sensitivity,
+        **options.fit_settings(),
         pretest=False,
     )
     q = torch.tensor([0.025, 0.975], dtype=torch.float64)
@@ -524,9 +528,7 @@ def cross_fitted(
         w_lab,
         w_unl,
         model,
-        alpha=options.alpha,
-        prevalence=options.prevalence,
-        target_sensitivity=options.target_sensitivity,
+        **options.fit_settings(),
     )
     rows = fold_of
     site_logits = batch.logits(z)[rows, labelled]
