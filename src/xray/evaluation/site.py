@@ -732,13 +732,6 @@ def site_figures(summary: SiteSummary, model: ModelReference, labels: Tensor) ->
     }
 
 
-def _interval(value: float, ci: Sequence[float] | None, digits: int = 3) -> str:
-    text = f"{value:.{digits}f}"
-    if ci is not None and len(ci) == 2 and all(math.isfinite(c) for c in ci):
-        text += f" ({ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
-    return text
-
-
 def render_site_report(
     summary: SiteSummary,
     model: ModelReference,
@@ -762,14 +755,14 @@ def render_site_report(
         "## Films",
         "",
         *md_table(
-            ["films", "NORMAL", "PNEUMONIA", "unlabelled", "prevalence (site)", "prevalence (model)"],
+            ["films", "NORMAL", "PNEUMONIA", "unlabelled", "prevalence (profile)", "prevalence (model)"],
             [
                 [
                     str(summary.n),
                     str(summary.n_normal),
                     str(summary.n_pneumonia),
                     str(summary.n_unlabelled),
-                    _interval(fit.prevalence, summary.intervals.get("prevalence")),
+                    f"{fit.prevalence:.3f}",
                     f"{fit.reference_prevalence:.3f}",
                 ]
             ],
@@ -793,33 +786,49 @@ def render_site_report(
             else "the model's (the films do not show a difference)"
         )
 
+    def interval(name: str, digits: int = 3) -> str:
+        ci = summary.intervals.get(name)
+        if ci is None or len(ci) != 2 or not all(math.isfinite(c) for c in ci):
+            return "–"
+        return f"{ci[0]:.{digits}f} to {ci[1]:.{digits}f}"
+
     rows = [
         [
             "temperature (raw logits)",
             f"{model.temperature:.3f}",
-            _interval(fit.temperature, summary.intervals.get("temperature")),
+            f"{fit.temperature:.3f}",
+            interval("temperature"),
             kept(fit.calibration_changed),
         ],
-        [
-            "bias (logit)",
-            "0",
-            _interval(fit.bias, summary.intervals.get("bias"), 2),
-            kept(fit.calibration_changed),
-        ],
+        ["bias (logit)", "0", f"{fit.bias:.2f}", interval("bias", 2), kept(fit.calibration_changed)],
         [
             "prevalence",
             f"{fit.reference_prevalence:.3f}",
-            _interval(fit.prevalence, summary.intervals.get("prevalence")),
+            f"{fit.prevalence:.3f}",
+            interval("prevalence"),
             kept(fit.prevalence_changed),
         ],
         [
             "threshold (on the site's probability)",
             f"{model.threshold:.3f}",
-            _interval(fit.threshold, summary.intervals.get("threshold")),
+            f"{fit.threshold:.3f}",
+            interval("threshold"),
             threshold_note,
         ],
     ]
-    lines += md_table(["value", "model", "site (95% bootstrap interval)", "used"], rows, "lrrl")
+    header = [
+        "value",
+        "model",
+        "profile",
+        "the site's own fit, 95% bootstrap interval",
+        "the profile's value is",
+    ]
+    lines += md_table(header, rows, "lrrrl")
+    lines += [
+        "",
+        "The interval is what the films alone say (refitted on bootstrap resamples, no test); the profile "
+        "keeps the model's value unless the test below shows the films differ.",
+    ]
     lines += [
         "",
         f"Tests at level {summary.options.alpha:g}: calibration score statistic {fit.calibration_stat:.2f} "
