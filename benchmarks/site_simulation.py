@@ -11,7 +11,9 @@ prevalence only) each fit a profile (``xray.evaluation.site.fit_batch``, the rul
 uses) and are scored on the rest of that site, with and without the profile. The model is the fold
 ensemble as ``python -m xray.cv`` ships it: temperature and threshold fitted on the pooled clean
 out-of-fold logits (``--threshold-rule``, default ``shift_youden`` when the runs have shift
-predictions), reference prevalence their PNEUMONIA share.
+predictions), reference prevalence their PNEUMONIA share, reference score distribution (what
+``ensemble.json`` stores as ``reference_scores``: the per-class histogram of those logits, against which
+unlabelled films are checked before EM may read them as a prevalence).
 
 ``--synthetic DIR`` first writes five synthetic fold runs (binormal logits shaped like the shipped
 model's out-of-fold ones, AUROC ~0.998, and 14 synthetic shifts: translations, scalings, noise, a
@@ -41,6 +43,7 @@ from xray.evaluation.shifts import shift_youden_threshold
 from xray.evaluation.site import (
     ALPHA,
     ModelReference,
+    ReferenceScores,
     render_simulation_table,
     resample_to_prevalence,
     rule_of,
@@ -154,7 +157,8 @@ def model_of(
     else:
         threshold = choose_threshold(torch.sigmoid(logits / temperature), labels, rule=rule)
     reference = override.get("reference_prevalence") or float(labels.double().mean())
-    model = ModelReference(float(temperature), float(threshold), float(reference), rule_of(rule))
+    scores = ReferenceScores.from_logits(logits, labels, float(temperature))
+    model = ModelReference(float(temperature), float(threshold), float(reference), rule_of(rule), scores)
     return model, rule
 
 
@@ -310,7 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(text), encoding="utf-8")
     if args.json is not None:
-        payload = {"model": model.__dict__, "rule": rule, "draws": args.draws, "rows": rows}
+        payload = {
+            "model": {**model.__dict__, "reference_scores": model.reference_scores.to_json()},  # type: ignore[union-attr]
+            "rule": rule,
+            "draws": args.draws,
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n", encoding="utf-8")
     print("\n".join(text))
     print(f"wrote {args.out}", file=sys.stderr)

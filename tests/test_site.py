@@ -14,8 +14,12 @@ import torch
 
 from tests.conftest import PROJECT_ROOT
 from tests.test_ensemble import make_net, save_ckpt
+from xray.core.checkpoint_io import CheckpointError
+from xray.cv import main as cv_main
+from xray.evaluation.folds import find_fold_runs
 from xray.evaluation.site import (
     ModelReference,
+    ReferenceScores,
     SiteFit,
     SiteOptions,
     chi2_critical,
@@ -25,6 +29,7 @@ from xray.evaluation.site import (
     fit_site,
     logodds,
     prior_shift,
+    render_site_report,
     resample_to_prevalence,
     rule_of,
     sample_warnings,
@@ -32,7 +37,7 @@ from xray.evaluation.site import (
     verdict,
 )
 from xray.inference.checkpoints import update_checkpoint_meta
-from xray.inference.predictor import load_predictor
+from xray.inference.predictor import load_predictor, update_ensemble_manifest, write_ensemble_manifest
 from xray.inference.site import (
     SiteProfileError,
     apply_site,
@@ -41,6 +46,7 @@ from xray.inference.site import (
     model_fingerprint,
     model_record,
     profile_data,
+    reference_for,
     write_site_profile,
 )
 
@@ -61,7 +67,20 @@ def model_logits(llr: torch.Tensor, temperature: float) -> torch.Tensor:
     return temperature * (llr + logodds(REF))
 
 
-MODEL = ModelReference(temperature=0.6, threshold=0.785, reference_prevalence=REF, rule="youden")
+def reference_scores(n: int = 20000, seed: int = 99) -> ReferenceScores:
+    """The binormal model's validation score distribution, as ``python -m xray.cv`` stores it."""
+    llr, y = binormal(n, REF, seed=seed)
+    return ReferenceScores.from_logits(model_logits(llr, 0.6), y, 0.6)
+
+
+MODEL = ModelReference(
+    temperature=0.6,
+    threshold=0.785,
+    reference_prevalence=REF,
+    rule="youden",
+    reference_scores=reference_scores(),
+)
+MODEL_NO_REFERENCE = ModelReference(temperature=0.6, threshold=0.785, reference_prevalence=REF, rule="youden")
 
 
 @pytest.fixture(autouse=True)
@@ -346,3 +365,154 @@ def test_simulation_on_synthetic_fold_runs(tmp_path: Path) -> None:
     # without labels the decisions never change
     assert low["accuracy_profile_median"] == low["accuracy_model_median"]
     assert low["accuracy_sites_worse"] == 0 and low["calibration_changed"] == 0.0
+
+
+# ------------------------------------------------------------------ unlabelled films: the mixture guard
+def _overcall(n: int, prevalence: float, seed: int, share: float = 0.5) -> torch.Tensor:
+    """Raw logits of a site where a ``share`` of the NORMAL films is over-called (scores moved to the
+    uncertain middle, as burned-in text or tight collimation do): not a mix of the validation's classes."""
+    llr, y = binormal(n, prevalence, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    moved = (y == 0) & (torch.rand(n, generator=g, dtype=torch.float64) < share)
+    middle = 2 * SEP * (0.3 + 0.5 * torch.randn(n, generator=g, dtype=torch.float64))
+    return model_logits(torch.where(moved, middle, llr), 0.6)
+
+
+def test_mixture_guard_refuses_an_overcall_shift_and_keeps_a_pure_prior_shift() -> None:
+    unlabelled = torch.full((300,), -1)
+    llr, _ = binormal(300, 0.2, seed=5)
+    prior = fit_site(model_logits(llr, 0.6), unlabelled, MODEL)
+    assert prior.unlabelled == "used" and prior.prevalence_changed
+    assert prior.prevalence == pytest.approx(0.2, abs=0.06)
+    assert prior.mixture_stat < chi2_critical(MODEL.reference_scores.df, 0.01)  # type: ignore[union-attr]
+    shifted = fit_site(_overcall(300, 0.2, seed=5), unlabelled, MODEL)
+    assert shifted.unlabelled == "not_a_mixture"
+    assert shifted.mixture_stat > chi2_critical(shifted.mixture_df or 0, 0.01)
+    assert not shifted.prevalence_changed and shifted.prevalence == REF  # EM alone would have moved it
+    assert (
+        fit_site(_overcall(300, 0.2, seed=5), unlabelled, MODEL_NO_REFERENCE, SiteOptions()).prevalence == REF
+    )
+    unguarded = fit_batch(
+        _overcall(300, 0.2, seed=5), unlabelled, torch.zeros(1, 300), torch.ones(1, 300), MODEL, pretest=False
+    )
+    assert abs(float(unguarded.prevalence[0]) - REF) > 0.2  # what the guard prevents
+
+
+def test_mixture_guard_is_batched_and_rarely_refuses_prior_shifts() -> None:
+    llr, _ = binormal(2000, 0.1, seed=6)
+    z_prior, z_shift = model_logits(llr, 0.6), _overcall(2000, 0.1, seed=6)
+    g = torch.Generator().manual_seed(0)
+    rows = 200
+    idx = torch.stack([torch.randperm(2000, generator=g)[:100] for _ in range(rows)])
+    ones = torch.ones(rows, 100, dtype=torch.float64)
+    for z, low, high in ((z_prior, 0.9, 1.0), (z_shift, 0.0, 0.2)):
+        batch = fit_batch(z[idx], torch.full((rows, 100), -1), torch.zeros_like(ones), ones, MODEL)
+        used = batch.unlabelled == 1  # type: ignore[operator]
+        assert low <= float(used.double().mean()) <= high
+        refused = ~used
+        assert bool((batch.prevalence[refused] == REF).all())
+        assert bool(((batch.unlabelled == 2) == refused).all())  # type: ignore[operator]
+
+
+def test_without_a_reference_unlabelled_films_move_nothing_and_labels_work_as_before() -> None:
+    llr, y = binormal(400, 0.2, seed=7)
+    z = model_logits(llr, 0.6)
+    fit = fit_site(z, torch.full((400,), -1), MODEL_NO_REFERENCE)
+    assert fit.unlabelled == "no_reference" and fit.prevalence == REF and not fit.prevalence_changed
+    kind, text = verdict(
+        summarise_site(z[:60], torch.full((60,), -1), MODEL_NO_REFERENCE, SiteOptions(n_bootstrap=20)), None
+    )
+    assert kind == "unchanged" and "no reference score distribution" in text
+    labelled = fit_site(z, y, MODEL_NO_REFERENCE)
+    with_reference = fit_site(z, y, MODEL)  # labelled films only: the reference plays no part
+    keys = (
+        "temperature",
+        "bias",
+        "prevalence",
+        "cut",
+        "threshold",
+        "calibration_changed",
+        "prevalence_changed",
+    )
+    assert [getattr(labelled, k) for k in keys] == [getattr(with_reference, k) for k in keys]
+    assert labelled.unlabelled == with_reference.unlabelled == "none"
+    assert labelled.prevalence_changed and labelled.prevalence == pytest.approx(
+        float(y.double().mean()), abs=0.01
+    )
+
+
+def test_refused_unlabelled_films_are_explained_in_the_report() -> None:
+    summary = summarise_site(
+        _overcall(200, 0.2, seed=8), torch.full((200,), -1), MODEL, SiteOptions(n_bootstrap=20)
+    )
+    assert any("not a mix of the model's validation" in w for w in summary.warnings)
+    kind, text = verdict(summary, None)
+    assert kind == "unchanged" and "recalibration without labels cannot tell" in text
+    report = render_site_report(summary, MODEL, verdict_text=text)
+    assert "left out above" in report and "not a mix of the validation's classes" in report
+
+
+def test_reference_scores_round_trip_and_refuse_malformed_data() -> None:
+    scores = MODEL.reference_scores
+    assert (
+        scores is not None and ReferenceScores.from_json(json.loads(json.dumps(scores.to_json()))) == scores
+    )
+    assert sum(scores.normal) + sum(scores.pneumonia) == 20000 and scores.df == len(scores.edges) - 1
+    good = scores.to_json()
+    for change, message in (
+        ({"edges": [1.0, 0.0]}, "increase strictly"),
+        ({"NORMAL": [1, 2]}, "must hold 10 counts"),
+        ({"PNEUMONIA": [-1] * 10}, "finite numbers >= 0"),
+        ({"temperature": 0}, "temperature must be"),
+        ({"NORMAL": "many"}, "must be lists"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ReferenceScores.from_json({**good, **change})
+    with pytest.raises(ValueError, match="lacks temperature"):
+        ReferenceScores.from_json({k: v for k, v in good.items() if k != "temperature"})
+
+
+def _ensemble(tmp_path: Path, folds: int = 2) -> Path:
+    folder = tmp_path / "ensemble"
+    names = [save_ckpt(folder / f"fold{k}.ckpt", make_net(32, k)).name for k in range(folds)]
+    write_ensemble_manifest(folder, names, threshold=0.6, temperature=0.6, threshold_rule="youden")
+    return folder
+
+
+def test_a_manifest_with_malformed_reference_scores_is_refused(tmp_path: Path) -> None:
+    folder = _ensemble(tmp_path)
+    assert load_predictor(str(folder)).reference_scores is None  # an older manifest: no reference
+    update_ensemble_manifest(folder, reference_scores=MODEL.reference_scores.to_json())  # type: ignore[union-attr]
+    predictor = load_predictor(str(folder))
+    assert predictor.reference_scores == MODEL.reference_scores
+    assert reference_for(predictor).reference_scores == MODEL.reference_scores
+    before = (folder / "ensemble.json").read_text()
+    bad = {**MODEL.reference_scores.to_json(), "NORMAL": [1, 2, 3]}  # type: ignore[union-attr]
+    with pytest.raises(CheckpointError, match="reference_scores: NORMAL must hold 10 counts"):
+        update_ensemble_manifest(folder, reference_scores=bad)
+    assert (folder / "ensemble.json").read_text() == before  # nothing written
+    data = json.loads(before)
+    data["reference_scores"] = bad
+    (folder / "ensemble.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"ensemble.json: reference_scores: NORMAL .*--reference-into"):
+        load_predictor(str(folder))
+
+
+def test_cv_adds_the_reference_to_an_existing_ensemble(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = _simulation_script()
+    runs_dir = script.write_synthetic_runs(tmp_path / "runs", n_folds=2, per_fold=200)
+    folder = _ensemble(tmp_path)
+    checkpoints = {p.name: p.read_bytes() for p in folder.glob("*.ckpt")}
+    assert cv_main([str(runs_dir), "--reference-into", str(folder)]) == 0
+    stored = load_predictor(str(folder)).reference_scores
+    runs = find_fold_runs([runs_dir])
+    logits = torch.cat([r.predictions.logits for r in runs])
+    labels = torch.cat([r.predictions.labels for r in runs])
+    assert stored == ReferenceScores.from_logits(logits, labels, 0.6)  # at the ensemble's own temperature
+    assert {p.name: p.read_bytes() for p in folder.glob("*.ckpt")} == checkpoints
+    assert not (runs_dir / "cv_report.md").exists()  # nothing written beside the runs
+    other = _ensemble(tmp_path / "three", folds=3)
+    assert cv_main([str(runs_dir), "--reference-into", str(other)]) == 2
+    assert "are not the fold models of these runs" in capsys.readouterr().err

@@ -142,6 +142,12 @@ def test_unlabelled_flat_folder_gives_prevalence_only(tmp_path: Path, ckpt: Path
     assert profile.data["verdict"]["kind"] in ("prevalence_only", "unchanged")
     assert any("no labelled films" in w for w in profile.data["warnings"])
     assert not (tmp_path / "site_report" / "site_roc.png").exists()
+    # one checkpoint carries no reference score distribution: the unlabelled films move nothing, and say why
+    prevalence = profile.data["fitted"]["prevalence"]
+    assert prevalence["unlabelled"] == "no_reference" and not prevalence["changed"]
+    assert profile.offset == pytest.approx(0.0) and profile.data["verdict"]["kind"] == "unchanged"
+    assert any("carries no reference score distribution" in w for w in profile.data["warnings"])
+    assert "no reference score distribution" in (tmp_path / "site_report" / "site_report.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -1,5 +1,7 @@
 """``python -m xray.cv DIR``: pool the out-of-fold predictions of k fold runs into ``cv_metrics.json``
-and ``cv_report.md`` (in DIR or ``--out``); ``--ensemble-out`` writes the fold models as one ensemble."""
+and ``cv_report.md`` (in DIR or ``--out``); ``--ensemble-out`` writes the fold models as one ensemble;
+``--reference-into FOLDER`` adds the runs' reference score distribution to an existing ensemble's
+``ensemble.json`` (checkpoints untouched, nothing written beside the runs)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,29 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from xray.core.checkpoint_io import CheckpointError
-from xray.evaluation.folds import CV_THRESHOLD_RULES, CVError, FoldRun, aggregate, find_fold_runs
+from xray.evaluation.folds import (
+    CV_THRESHOLD_RULES,
+    CVError,
+    FoldRun,
+    aggregate,
+    check_runs,
+    find_fold_runs,
+)
 from xray.evaluation.report import fmt_num, write_cv_report
 from xray.evaluation.shifts import TEMPERATURE_SOURCES
+from xray.evaluation.site import ReferenceScores
 from xray.inference.checkpoints import BEST_NAME, export_for_inference, load_model
 from xray.inference.ood import manifest_section
-from xray.inference.predictor import write_ensemble_manifest
+from xray.inference.predictor import (
+    MANIFEST_NAME,
+    REFERENCE_KEY,
+    read_ensemble_manifest,
+    update_ensemble_manifest,
+    write_ensemble_manifest,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
         default="clean",
         help="shifts: fit the temperature on the pooled clean and shifted predictions (calibration that survives a shift)",
     )
+    parser.add_argument(
+        "--reference-into",
+        type=Path,
+        metavar="FOLDER",
+        help="only add the runs' reference score distribution (per-class histogram of the calibrated clean "
+        "out-of-fold logits, at the ensemble's temperature) to FOLDER/ensemble.json, whose members must be "
+        "these runs' fold models; no report is written",
+    )
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return parser
@@ -53,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: 0 on success, 2 (with one ``error:`` line on stderr) on a user error."""
     args = _parser().parse_args(argv)
+    if args.reference_into is not None:
+        return _reference_into(args)
     try:
         if args.out is None and len(args.dirs) != 1:
             raise CVError("--out is required when more than one DIR is given")
@@ -90,9 +118,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _reference_into(args: argparse.Namespace) -> int:
+    """``--reference-into FOLDER``: add ``reference_scores`` to an existing ensemble, nothing else."""
+    try:
+        if args.ensemble_out is not None or args.out is not None:
+            raise CVError("--reference-into only updates an ensemble.json: drop --ensemble-out and --out")
+        runs = find_fold_runs(args.dirs)
+        path = add_reference_scores(runs, args.reference_into)
+    except (CVError, ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    print(f"added {REFERENCE_KEY} of {len(runs)} fold runs to {path}")
+    return 0
+
+
+def reference_scores_of(runs: Sequence[FoldRun], temperature: float) -> ReferenceScores:
+    """The fold models' per-class distribution of calibrated logits on their pooled clean out-of-fold films."""
+    runs = sorted(runs, key=lambda r: r.fold)
+    check_runs(runs)
+    logits = torch.cat([r.predictions.logits for r in runs])
+    labels = torch.cat([r.predictions.labels for r in runs])
+    return ReferenceScores.from_logits(logits, labels, temperature)
+
+
+def add_reference_scores(runs: Sequence[FoldRun], folder: str | Path) -> Path:
+    """Store the runs' reference score distribution in ``folder/ensemble.json`` at its own temperature,
+    without touching the checkpoints; the members must be these runs' fold models (``fold<k>.ckpt``, as
+    ``--ensemble-out`` names them), evaluated on the same folds."""
+    folder = Path(folder)
+    manifest = read_ensemble_manifest(folder / MANIFEST_NAME)
+    members = sorted(Path(m).name for m in manifest["members"])
+    expected = sorted(f"fold{r.fold}.ckpt" for r in runs)
+    if members != expected:
+        raise CVError(
+            f"{folder / MANIFEST_NAME}: members {members} are not the fold models of these runs ({expected}); "
+            "the reference must come from the members' own out-of-fold predictions"
+        )
+    scores = reference_scores_of(runs, float(manifest["temperature"]))
+    return update_ensemble_manifest(folder, **{REFERENCE_KEY: scores.to_json()})
+
+
 def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_dir: str | Path) -> Path:
     """The fold models as one ensemble for ``predict.py ckpt=DIR``: float16 copies of each best checkpoint
-    plus ``ensemble.json`` with the pooled out-of-fold temperature and threshold."""
+    plus ``ensemble.json`` with the pooled out-of-fold temperature and threshold, and the reference score
+    distribution a site profile checks unlabelled films against."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     members = []
@@ -115,6 +188,7 @@ def write_fold_ensemble(runs: Sequence[FoldRun], result: Mapping[str, Any], out_
         description=f"{len(runs)} fold models of one {result['n_folds']}-fold patient-grouped cross-validation",
         out_of_fold={k: pooled[k] for k in ("auroc", "accuracy", "sensitivity", "specificity")},
         n_out_of_fold=result["n_images"],
+        **{REFERENCE_KEY: reference_scores_of(runs, float(result["temperature"])).to_json()},
         **ood,
     )
 

@@ -38,9 +38,14 @@ before the simulation was read):
 Under a site where the model is already right, a change happens in about ``alpha`` of samples, so the
 10th percentile of any metric over samples is the model's own; where it is wrong, the change comes as
 soon as a few films show it. ``benchmarks/site_simulation.py`` measures both. Without labels only the
-prevalence moves, and decisions never change; but unlabelled films cannot tell a prevalence change
-from an acquisition shift that moves every score the same way (EM then reads the shift as prevalence),
-so the report shows the share of films flagged out of distribution beside it.
+prevalence moves, and decisions never change; but EM reads any change of the films' scores as a change
+of prevalence, and an acquisition shift that over-calls NORMAL films or misses PNEUMONIA ones then gets
+its wrong calls amplified by the prior shift. So unlabelled films count only when their scores are a
+mix of the model's own validation classes (:class:`ReferenceScores`, :func:`mixture_test`: a G-test of
+their binned calibrated logits against ``pi * p1 + (1 - pi) * p0`` at EM's prevalence, level ``alpha``);
+a model without a reference distribution lets them move nothing. A shift that makes NORMAL films look
+exactly like the validation's PNEUMONIA ones stays invisible to any test without labels; the report
+also shows the share of films flagged out of distribution.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from xray.core.config_checks import is_num
 from xray.core.constants import CLASSES
 from xray.evaluation import plots
 from xray.evaluation.calibration import T_MAX, T_MIN
@@ -70,14 +76,32 @@ PREVALENCE_MODES = ("auto", "unlabelled", "reference")
 ``unlabelled`` (EM on the unlabelled films only: for a labelled set picked per class) or ``reference``
 (no prior shift)."""
 
+UNLABELLED_STATUS = ("none", "used", "not_a_mixture", "no_reference")
+"""What became of a site's unlabelled films in the prevalence: none there (or a fixed prevalence), used by
+EM, left out because their scores are not a mix of the validation's classes, left out because the model
+carries no reference score distribution to check that against."""
+
+UNLABELLED_NOTE = {
+    "not_a_mixture": "; the unlabelled films were left out: their scores are not a mix of the validation's classes",
+    "no_reference": "; the unlabelled films were left out: the model carries no reference score distribution",
+}
+
 ALPHA = 0.01  # level of the keep-unless-shown tests (0.05 changed too often on the simulated null sites)
 SIGMA_LOG_T = 1.0  # prior sd of log(T_site / T_model): weak, keeps a separable sample's fit finite
 SIGMA_BIAS = 2.0  # prior sd of the calibration bias (logit units)
 MIN_PER_CLASS = 20  # fewer labelled films of a class: a warning (its rate is known to about +-0.2)
 AUROC_DROP = 0.05  # site AUROC this far under validation (and its interval too): "does not fit"
 AUROC_FLOOR = 0.80  # without a validation figure: a site AUROC whose whole interval is under this
+REFERENCE_EDGES = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0)
+"""Inner edges of the reference score bins on the calibrated logit ``z / T`` (10 bins, open ends): one logit
+wide where a model's films are uncertain, which is where acquisition shifts put the films they
+misread; beyond +-4 (posterior above 0.98 at the reference prevalence) one open bin per side, because
+the confident modes differ between fold models and an ensemble (bins there would test that, not the
+site). Out to +-8 in steps of 2, the clean sites of the real fold runs were refused in 16% of draws."""
+REFERENCE_SMOOTHING = 0.5  # films added to every reference bin of each class: no empty bin, no infinite G
 _EM_ITERATIONS = 2000
 _NEWTON_ITERATIONS = 60
+_MIXTURE_ITERATIONS = 500
 
 
 # --------------------------------------------------------------------------------------------- basics
@@ -100,7 +124,8 @@ def prior_shift(logits: Tensor, prevalence: float, reference: float) -> Tensor:
 
 
 def chi2_critical(df: int, alpha: float) -> float:
-    """The (1 - alpha) quantile of chi-squared with 1 or 2 degrees of freedom (closed forms)."""
+    """The (1 - alpha) quantile of chi-squared with ``df`` degrees of freedom (closed forms for 1 and 2,
+    else bisection on the regularised incomplete gamma function, to 1e-10)."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if df == 1:
@@ -108,7 +133,15 @@ def chi2_critical(df: int, alpha: float) -> float:
         return q * q
     if df == 2:
         return -2.0 * math.log(alpha)
-    raise ValueError(f"df must be 1 or 2, got {df}")
+    if not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df}")
+    half = torch.tensor(df / 2.0, dtype=torch.float64)
+    low, high = 0.0, float(df) + 20.0 * math.sqrt(2.0 * df) + 100.0
+    while high - low > 1e-10 * max(1.0, high):
+        mid = 0.5 * (low + high)
+        survival = float(torch.special.gammaincc(half, torch.tensor(mid / 2.0, dtype=torch.float64)))
+        low, high = (mid, high) if survival > alpha else (low, mid)
+    return 0.5 * (low + high)
 
 
 def _bce(eta: Tensor, y: Tensor) -> Tensor:
@@ -123,15 +156,152 @@ def _rows(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class ReferenceScores:
+    """The model's per-class distribution of calibrated logits ``z / temperature`` on its own validation
+    films (for fold models: the pooled clean out-of-fold ones), as counts over fixed bins. Under a pure
+    change of prevalence a site's films are a mix of these two distributions; films that are not (an
+    acquisition shift, a subgroup the model misreads) must not be read as a prevalence by EM.
+    ``ensemble.json`` stores it under ``reference_scores`` (:meth:`to_json`)."""
+
+    edges: tuple[float, ...]  # inner bin edges; the first and last bins are open
+    normal: tuple[float, ...]  # NORMAL films per bin
+    pneumonia: tuple[float, ...]  # PNEUMONIA films per bin
+    temperature: float  # the T of z / T when the counts were taken
+
+    def __post_init__(self) -> None:
+        edges = list(self.edges)
+        if len(edges) < 2 or not all(is_num(e) and math.isfinite(e) for e in edges):
+            raise ValueError(f"edges must be two or more finite numbers, got {edges!r}")
+        if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"edges must increase strictly, got {edges!r}")
+        for name, counts in (("NORMAL", self.normal), ("PNEUMONIA", self.pneumonia)):
+            counts = list(counts)
+            if len(counts) != len(edges) + 1:
+                raise ValueError(f"{name} must hold {len(edges) + 1} counts (one per bin), got {len(counts)}")
+            if not all(is_num(c) and math.isfinite(c) and c >= 0 for c in counts):
+                raise ValueError(f"{name} counts must be finite numbers >= 0, got {counts!r}")
+            if sum(counts) <= 0:
+                raise ValueError(f"{name} counts are all 0: no {name} films were binned")
+        if not is_num(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+
+    @property
+    def bins(self) -> int:
+        return len(self.edges) + 1
+
+    @property
+    def df(self) -> int:
+        """Degrees of freedom of the mixture test: bins - 1, less one for the fitted prevalence."""
+        return self.bins - 2
+
+    @classmethod
+    def from_logits(
+        cls, logits: Tensor, labels: Tensor, temperature: float, edges: Sequence[float] = REFERENCE_EDGES
+    ) -> ReferenceScores:
+        """Bin raw logits (0/1 labels) at ``temperature``."""
+        labels = labels.reshape(-1).long()
+        s = logits.double().reshape(-1) / float(temperature)
+        bounds = torch.tensor(list(edges), dtype=torch.float64)
+        counts = [
+            torch.bincount(torch.bucketize(s[labels == k], bounds), minlength=len(edges) + 1).tolist()
+            for k in (0, 1)
+        ]
+        return cls(tuple(float(e) for e in edges), tuple(counts[0]), tuple(counts[1]), float(temperature))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "edges": list(self.edges),
+            CLASSES[0]: list(self.normal),
+            CLASSES[1]: list(self.pneumonia),
+            "temperature": self.temperature,
+            "scale": "calibrated logit z / temperature; the first and last bins are open",
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "reference_scores") -> ReferenceScores:
+        """Checked; a ``ValueError`` naming ``where`` and what is wrong."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where} must be an object with edges, {CLASSES[0]}, {CLASSES[1]}, temperature")
+        missing = [k for k in ("edges", *CLASSES, "temperature") if k not in data]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+        lists = [data["edges"], data[CLASSES[0]], data[CLASSES[1]]]
+        if not all(isinstance(v, list) for v in lists):
+            raise ValueError(f"{where}: edges, {CLASSES[0]} and {CLASSES[1]} must be lists of numbers")
+        try:
+            return cls(tuple(lists[0]), tuple(lists[1]), tuple(lists[2]), data["temperature"])
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+    def class_distributions(self) -> tuple[Tensor, Tensor]:
+        """(p0, p1): each class's share of films per bin, with REFERENCE_SMOOTHING films added per bin."""
+        out = []
+        for counts in (self.normal, self.pneumonia):
+            c = torch.tensor(counts, dtype=torch.float64) + REFERENCE_SMOOTHING
+            out.append(c / c.sum())
+        return out[0], out[1]
+
+    def histogram(self, s: Tensor, w: Tensor) -> Tensor:
+        """(B, bins) weighted counts of calibrated logits ``s`` ((m,) or (B, m)) with weights ``w`` (B, m)."""
+        bounds = torch.tensor(list(self.edges), dtype=torch.float64)
+        index = torch.bucketize(_rows(s).contiguous(), bounds).expand(w.shape[0], -1)
+        counts = torch.zeros(w.shape[0], self.bins, dtype=torch.float64)
+        return counts.scatter_add_(1, index, w.double())
+
+
+def mixture_test(
+    counts: Tensor, reference: ReferenceScores, prevalence: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(G statistic, prevalence) per batch row of binned films ``counts`` (B, bins) against the mix
+    ``pi * p1 + (1 - pi) * p0`` of the reference's class distributions: at ``prevalence`` (B,) (the
+    site fit passes EM's estimate from the same films: the prevalence it would apply), else at pi's
+    maximum likelihood on the bins. Either way pi comes from the films, so G is about chi-squared with
+    ``reference.df`` = bins - 2 degrees of freedom when they are such a mix. Each bin's deviance is
+    divided by ``1 + n (pi^2 p1 / N1 + (1 - pi)^2 p0 / N0) / m``, the variance the reference's own
+    sampling adds (N0, N1 its films per class): negligible for 100 films against thousands, it keeps a
+    site as large as the validation from being refused for the reference's noise. nan where a row has
+    no films."""
+    p0, p1 = reference.class_distributions()
+    counts = counts.double()
+    n = counts.sum(1)
+    pi = torch.full_like(n, 0.5)
+    for _ in range(_MIXTURE_ITERATIONS if prevalence is None else 0):
+        mix = pi[:, None] * p1 + (1 - pi[:, None]) * p0
+        new = (counts * pi[:, None] * p1 / mix).sum(1) / n.clamp_min(1e-300)
+        done = bool(((new - pi).abs() < 1e-10).all())
+        pi = new
+        if done:
+            break
+    if prevalence is not None:
+        pi = prevalence.double().expand_as(n)
+    a, b = pi[:, None], 1 - pi[:, None]
+    mix = (a * p1 + b * p0).clamp_min(1e-300)
+    expected = n[:, None] * mix
+    deviance = 2.0 * (torch.xlogy(counts, counts) - counts * expected.log() - (counts - expected))
+    # the reference is a sample too: each bin's deviance over its variance inflation (two samples)
+    n0 = sum(reference.normal) + REFERENCE_SMOOTHING * reference.bins
+    n1 = sum(reference.pneumonia) + REFERENCE_SMOOTHING * reference.bins
+    inflation = 1.0 + n[:, None] * (a * a * p1 / n1 + b * b * p0 / n0) / mix
+    stat = (deviance.clamp_min(0.0) / inflation).sum(1)
+    stat = torch.where(n > 0, stat, torch.full_like(stat, math.nan))
+    return stat, pi
+
+
+@dataclass(frozen=True)
 class ModelReference:
-    """The model as shipped: ``sigmoid(z / temperature) >= threshold`` at ``reference_prevalence``."""
+    """The model as shipped: ``sigmoid(z / temperature) >= threshold`` at ``reference_prevalence``, and
+    its validation's score distribution (None: the model carries none, so unlabelled films cannot be
+    checked for a shift other than prevalence)."""
 
     temperature: float
     threshold: float
     reference_prevalence: float = KERMANY_PREVALENCE
     rule: str = "youden"
+    reference_scores: ReferenceScores | None = None
 
     def __post_init__(self) -> None:
+        if self.reference_scores is not None and not isinstance(self.reference_scores, ReferenceScores):
+            raise ValueError(f"reference_scores must be a ReferenceScores, got {type(self.reference_scores)}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not 0.0 < self.threshold < 1.0:
@@ -296,6 +466,9 @@ class SiteFitBatch:
     calibration_stat: Tensor
     prevalence_stat: Tensor
     reference_prevalence: float
+    mixture_stat: Tensor | None = None  # G of the unlabelled films against the reference mix (nan: untested)
+    unlabelled: Tensor | None = None  # index into UNLABELLED_STATUS: what became of the unlabelled films
+    mixture_df: int | None = None
 
     @property
     def shift(self) -> Tensor:
@@ -336,7 +509,10 @@ def fit_batch(
     """The site profile's values for each row of weights: ``w_lab`` (B, m) the labelled films used (bootstrap
     counts allowed), ``w_unl`` (B, m) the unlabelled ones; ``z`` and ``y`` (-1: unlabelled) are (m,), shared
     by the rows, or (B, m), each row its own films. ``pretest=False`` always takes the fitted values
-    (bootstrap intervals describe those); True applies the module's keep-unless-shown rule."""
+    (bootstrap intervals describe those); True applies the module's keep-unless-shown rule, and lets the
+    unlabelled films into the prevalence only where the model carries a reference score distribution
+    and their scores pass the :func:`mixture_test` at level ``alpha`` (else they are left out: EM
+    would read a shift of the scores as a prevalence)."""
     z, y = _rows(z), _rows(y)
     w_lab, w_unl = w_lab.double(), w_unl.double()
     y01 = y.clamp(0, 1)
@@ -359,6 +535,9 @@ def fit_batch(
         raise ValueError(
             f"prevalence must be a number in (0, 1) or one of {PREVALENCE_MODES}, got {prevalence!r}"
         )
+    scores = model.reference_scores
+    mixture_stat = torch.full_like(n1, math.nan)
+    status = torch.zeros(n1.shape, dtype=torch.long)  # "none"
     if not isinstance(prevalence, str):
         pi = torch.full_like(n1, float(prevalence))
         prev_stat, prev_change = torch.full_like(n1, math.nan), torch.ones_like(both)
@@ -367,7 +546,22 @@ def fit_batch(
         prev_stat, prev_change = torch.zeros_like(n1), torch.zeros_like(both)
     else:
         lab = w_lab if prevalence == "auto" else torch.zeros_like(w_lab)
+        has_unl = w_unl.sum(1) > 0
         pi_hat, prev_stat = em_prevalence(s, y01, lab, w_unl, ref)
+        keep = torch.ones_like(has_unl)
+        if scores is not None and bool(has_unl.any()):
+            # the unlabelled films on the reference's scale (x 1 unless the model's T was refitted since),
+            # against the mix at the prevalence EM would apply
+            counts = scores.histogram(s * (model.temperature / scores.temperature), w_unl)
+            mixture_stat = torch.where(has_unl, mixture_test(counts, scores, pi_hat)[0], mixture_stat)
+            if pretest:
+                keep = ~(mixture_stat > chi2_critical(scores.df, alpha))
+        elif scores is None and pretest:
+            keep = torch.zeros_like(has_unl)
+        status = torch.where(has_unl, torch.where(keep, 1, 2 if scores is not None else 3), status)
+        if bool((has_unl & ~keep).any()):  # EM again without the unlabelled films it may not read
+            pi_kept, stat_kept = em_prevalence(s, y01, lab, w_unl * keep[:, None], ref)
+            pi_hat, prev_stat = torch.where(keep, pi_hat, pi_kept), torch.where(keep, prev_stat, stat_kept)
         prev_change = prev_stat > chi2_critical(1, alpha) if pretest else torch.ones_like(both)
         pi = torch.where(prev_change, pi_hat, torch.full_like(pi_hat, ref))
 
@@ -388,6 +582,9 @@ def fit_batch(
         calibration_stat=calib_stat,
         prevalence_stat=prev_stat,
         reference_prevalence=ref,
+        mixture_stat=mixture_stat,
+        unlabelled=status,
+        mixture_df=None if scores is None else scores.df,
     )
 
 
@@ -407,10 +604,18 @@ class SiteFit:
     prevalence_changed: bool
     calibration_stat: float
     prevalence_stat: float
+    unlabelled: str = "none"  # one of UNLABELLED_STATUS
+    mixture_stat: float = math.nan
+    mixture_df: int | None = None
 
     @classmethod
     def from_batch(cls, batch: SiteFitBatch, row: int = 0) -> SiteFit:
+        status = 0 if batch.unlabelled is None else int(batch.unlabelled[row])
+        mixture = math.nan if batch.mixture_stat is None else float(batch.mixture_stat[row])
         return cls(
+            unlabelled=UNLABELLED_STATUS[status],
+            mixture_stat=mixture,
+            mixture_df=batch.mixture_df,
             temperature=float(batch.temperature[row]),
             bias=float(batch.bias[row]),
             prevalence=float(batch.prevalence[row]),
@@ -613,6 +818,27 @@ def sample_warnings(n_normal: int, n_pneumonia: int, options: SiteOptions) -> li
     return out
 
 
+def unlabelled_warning(fit: SiteFit, alpha: float) -> str | None:
+    """Why the unlabelled films did not move the prevalence, in plain words (None when they could)."""
+    if fit.unlabelled == "not_a_mixture":
+        df = fit.mixture_df or 1
+        return (
+            "the unlabelled films' scores are not a mix of the model's validation NORMAL and PNEUMONIA films "
+            f"(G = {fit.mixture_stat:.1f} on {df} degrees of freedom, above {chi2_critical(df, alpha):.1f}): "
+            "something other than the prevalence differs here (acquisition, equipment, a group of films the "
+            "model misreads), and without labels recalibration cannot tell that from a change of "
+            "prevalence, so they do not move it; label some films to fit this site"
+        )
+    if fit.unlabelled == "no_reference":
+        return (
+            "the model carries no reference score distribution (a single checkpoint, or an ensemble.json "
+            "written without one: add it with python -m xray.cv RUNS --reference-into FOLDER), so the "
+            "unlabelled films cannot be checked for a shift other than prevalence and do not move it; "
+            "label some films, or give prevalence= a number"
+        )
+    return None
+
+
 def summarise_site(
     z: Tensor, labels: Tensor, model: ModelReference, options: SiteOptions = SiteOptions()
 ) -> SiteSummary:
@@ -638,6 +864,9 @@ def summarise_site(
         options=options,
         probs_fitted=fit.probs(z),
     )
+    note = unlabelled_warning(fit, options.alpha)
+    if note is not None:
+        summary.warnings.append(note)
     lab = labels >= 0
     if n_normal and n_pneu:
         y = labels[lab]
@@ -661,6 +890,20 @@ def verdict(summary: SiteSummary, validation_auroc: float | None) -> tuple[str, 
                 f"Without labels only the prevalence can be estimated: {fit.prevalence:.2f} against the "
                 f"model's {fit.reference_prevalence:.2f}; the profile moves the probabilities to it and keeps "
                 "the model's decisions. Label some films to check how well the model fits this site."
+            )
+        if fit.unlabelled == "not_a_mixture":
+            return "unchanged", (
+                "The films' scores are not a mix of the model's validation classes: they differ in some other "
+                "way than the prevalence (acquisition, equipment, films the model misreads), which "
+                "recalibration without labels cannot tell apart from a prevalence change, so the profile "
+                f"keeps the model's prevalence {fit.reference_prevalence:.2f} and changes nothing. Label some "
+                "films to check and fit this site."
+            )
+        if fit.unlabelled == "no_reference":
+            return "unchanged", (
+                "The model carries no reference score distribution to check unlabelled films against, so "
+                f"they do not move the prevalence ({fit.reference_prevalence:.2f} stays) and the profile "
+                "changes nothing. Label some films, or give the prevalence as a number."
             )
         return "unchanged", (
             "Without labels only the prevalence can be estimated, and the films do not show that it differs "
@@ -806,7 +1049,7 @@ def render_site_report(
             f"{fit.reference_prevalence:.3f}",
             f"{fit.prevalence:.3f}",
             interval("prevalence"),
-            kept(fit.prevalence_changed),
+            kept(fit.prevalence_changed) + UNLABELLED_NOTE.get(fit.unlabelled, ""),
         ],
         [
             "threshold (on the site's probability)",
@@ -833,7 +1076,13 @@ def render_site_report(
         "",
         f"Tests at level {summary.options.alpha:g}: calibration score statistic {fit.calibration_stat:.2f} "
         f"(fitted above {chi2_critical(2, summary.options.alpha):.2f}), prevalence likelihood ratio "
-        f"{fmt_num(fit.prevalence_stat, 2)} (fitted above {chi2_critical(1, summary.options.alpha):.2f}).",
+        f"{fmt_num(fit.prevalence_stat, 2)} (fitted above {chi2_critical(1, summary.options.alpha):.2f})"
+        + (
+            f"; unlabelled films against the validation's mix of classes G {fmt_num(fit.mixture_stat, 2)} "
+            f"(left out above {chi2_critical(fit.mixture_df, summary.options.alpha):.2f})."
+            if fit.mixture_df is not None and math.isfinite(fit.mixture_stat)
+            else "."
+        ),
         "",
     ]
     if summary.before is not None and summary.after is not None:

@@ -14,6 +14,7 @@ from xray.core.atomic import atomic_write_text
 from xray.core.checkpoint_io import CheckpointError
 from xray.core.locations import candidates, locate
 from xray.data.encoding import SourceEncoding
+from xray.evaluation.site import ReferenceScores
 from xray.inference.checkpoints import (
     BEST_NAME,
     LAST_NAME,
@@ -29,6 +30,9 @@ PRETRAINED_NAME = "xray_gpu_transfer"
 PRETRAINED_PATH = locate(f"models/{PRETRAINED_NAME}")
 MANIFEST_NAME = "ensemble.json"
 MANIFEST_FORMAT = 1
+REFERENCE_KEY = "reference_scores"
+"""``ensemble.json``'s optional per-class histogram of the calibrated out-of-fold logits (see
+:class:`xray.evaluation.site.ReferenceScores`): what a site profile checks unlabelled films against."""
 
 
 def latest_run_with(log_dir: str | os.PathLike, filename: str) -> Path | None:
@@ -98,6 +102,7 @@ class Predictor:
     source: str
     threshold_source: str = "checkpoint"
     ood_threshold: float = 1.0  # flag an image whose mean member OOD score exceeds this
+    reference_scores: ReferenceScores | None = None  # ensemble.json's, when it stores one
 
     @classmethod
     def from_model(cls, model: LoadedModel) -> Predictor:
@@ -155,7 +160,21 @@ def read_ensemble_manifest(path: str | os.PathLike) -> dict[str, Any]:
     check_threshold(manifest.get("threshold"), str(path))
     check_temperature(manifest.get("temperature"), str(path))
     _manifest_ood_threshold(manifest, str(path))
+    manifest_reference_scores(manifest, path)
     return manifest
+
+
+def manifest_reference_scores(manifest: dict[str, Any], path: str | os.PathLike) -> ReferenceScores | None:
+    """A manifest's ``reference_scores``, checked (None when it stores none: written before it existed)."""
+    if REFERENCE_KEY not in manifest:
+        return None
+    try:
+        return ReferenceScores.from_json(manifest[REFERENCE_KEY], REFERENCE_KEY)
+    except ValueError as err:
+        raise CheckpointError(
+            f"{path}: {err}; rewrite it from the fold runs with python -m xray.cv RUNS --reference-into "
+            f"{Path(path).parent}, or delete the key"
+        ) from None
 
 
 def _manifest_ood_threshold(manifest: dict[str, Any], where: str) -> float:
@@ -180,6 +199,7 @@ def load_folder_ensemble(folder: str | os.PathLike) -> Predictor:
             f"{folder} (ensemble of {len(paths)} from {MANIFEST_NAME})",
             threshold_source=MANIFEST_NAME,
             ood_threshold=_manifest_ood_threshold(manifest, str(manifest_path)),
+            reference_scores=manifest_reference_scores(manifest, manifest_path),
         )
     paths = _folder_checkpoints(folder)
     if len(paths) < 2:
@@ -255,6 +275,7 @@ def write_ensemble_manifest(
         "threshold_rule": str(threshold_rule),
         **extra,
     }
+    manifest_reference_scores(manifest, folder / MANIFEST_NAME)
     _write_manifest(folder / MANIFEST_NAME, manifest)
     return folder / MANIFEST_NAME
 
@@ -264,6 +285,7 @@ def update_ensemble_manifest(folder: str | os.PathLike, **values: Any) -> Path:
     path = Path(folder) / MANIFEST_NAME
     manifest = read_ensemble_manifest(path)
     manifest.update(values)
+    manifest_reference_scores(manifest, path)  # checked before anything is written
     _write_manifest(path, manifest)
     read_ensemble_manifest(path)
     return path

@@ -83,8 +83,10 @@ def threshold_rule(predictor: Predictor) -> str:
 
 
 def reference_for(predictor: Predictor, reference_prevalence: float | None = None) -> ModelReference:
-    """The model as shipped, for fitting: its temperature, threshold and rule, and the prevalence its
-    temperature was fitted at (the Kermany training split's unless given)."""
+    """The model as shipped, for fitting: its temperature, threshold and rule, the prevalence its
+    temperature was fitted at (the Kermany training split's unless given), and its validation's score
+    distribution (``ensemble.json``'s ``reference_scores``; None for a single checkpoint or an older
+    manifest, so unlabelled films then do not move the prevalence)."""
     threshold = min(max(float(predictor.threshold), 1e-6), 1 - 1e-6)
     return ModelReference(
         temperature=float(predictor.temperature),
@@ -93,6 +95,7 @@ def reference_for(predictor: Predictor, reference_prevalence: float | None = Non
         if reference_prevalence is None
         else float(reference_prevalence),
         rule=rule_of(threshold_rule(predictor)),
+        reference_scores=predictor.reference_scores,
     )
 
 
@@ -319,6 +322,7 @@ def profile_data(
                     "changed": fit.prevalence_changed,
                     "method": prevalence_method,
                     "reference": fit.reference_prevalence,
+                    "unlabelled": fit.unlabelled,
                 },
                 "threshold": {
                     "value": fit.threshold,
@@ -330,6 +334,8 @@ def profile_data(
                     "alpha": alpha,
                     "calibration_score": fit.calibration_stat,
                     "prevalence_likelihood_ratio": fit.prevalence_stat,
+                    "mixture_g": fit.mixture_stat,
+                    "mixture_df": fit.mixture_df,
                 },
             },
             "films": dict(films or {}),
